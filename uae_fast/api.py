@@ -1,0 +1,280 @@
+"""Public API: `uae = uae_fast.load("tiny")`, then `caption`, `generate`, `reconstruct`, `save_pretrained`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data.images import ImageSource, load_image
+from .errors import CheckpointError, ConfigError
+from .models.components import UAEComponents, default_device, default_dtype, load_components, save_components
+from .models.decoder import UAEDecoder
+from .models.encoder import (
+    CAPTION_PROMPT,
+    NEGATIVE_PROMPT,
+    caption_messages,
+    conditioning_messages,
+    special_token_ids_to_suppress,
+)
+
+__all__ = ["UAE", "InferenceDefaults", "Reconstruction", "load", "PRESETS"]
+
+# Environment variable holding the local folder of the released UAE weights for the `uae-3b` preset.
+UAE_3B_ENV = "UAE_FAST_UAE3B"
+
+
+@dataclass
+class InferenceDefaults:
+    """Sampling defaults of a preset; every method argument left as None falls back to these."""
+
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    steps: int = 40
+    guidance: float = 5.0
+    size: int = 1024
+
+
+PRESETS = {
+    "tiny": InferenceDefaults(max_new_tokens=24, steps=6, size=64),
+    "uae-3b": InferenceDefaults(),
+}
+
+
+@dataclass
+class Reconstruction:
+    """Result of `UAE.reconstruct`: for B images and G captions each, image-major (index = b * G + g)."""
+
+    captions: list[str]  # [B*G]
+    images: list[Image.Image]  # [B*G]
+    scores: list[float] | None = field(default=None)  # [B*G], once a reward is configured
+
+
+class UAE:
+    """A Unified Auto-Encoder: Qwen2.5-VL captioner (encoder) + SD3 decoder, for inference.
+
+    Build with :func:`load`. All randomness is seeded per call, so equal arguments give equal outputs.
+    """
+
+    def __init__(self, components: UAEComponents, *, conditioning: str = "llm", defaults=None, device=None, dtype=None):
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or default_dtype(device)
+        self.components = components.to(device, dtype)
+        self.conditioning = conditioning
+        self.defaults = defaults or InferenceDefaults()
+        self.device, self.dtype = device, dtype
+        self.encoder = components.encoder
+        self.processor = components.processor
+        self.processor.tokenizer.padding_side = "left"
+        pooled = components.compute_pooled_empty() if conditioning == "llm" else None
+        self.decoder = UAEDecoder(
+            components.transformer,
+            components.vae,
+            components.scheduler,
+            conditioning,
+            pooled_empty=pooled,
+            text_encoders=components.text_encoders if conditioning == "text" else None,
+        )
+        self._negative = None
+
+    # ---------------------------------------------------------------- encoder: image -> caption
+    @torch.no_grad()
+    def caption(
+        self,
+        images: Sequence[ImageSource] | ImageSource,
+        *,
+        num_generations: int = 1,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        max_new_tokens: int | None = None,
+        seed: int = 0,
+        prompt: str = CAPTION_PROMPT,
+    ) -> list[str]:
+        """Caption images. Returns B * num_generations captions, image-major (caption g of image b at b * G + g).
+
+        `temperature` 0 means greedy decoding. Images are paths, bytes or PIL images; bad ones raise ImageLoadError.
+        """
+        pil = [load_image(im) for im in _as_list(images)]
+        if num_generations < 1:
+            raise ConfigError(f"num_generations must be >= 1, got {num_generations}")
+        d = self.defaults
+        temperature = d.temperature if temperature is None else temperature
+        text = self.processor.apply_chat_template(caption_messages(prompt), tokenize=False, add_generation_prompt=True)
+        inputs = self.processor(text=[text] * len(pil), images=pil, padding=True, return_tensors="pt").to(self.device)
+        tokenizer = self.processor.tokenizer
+        eos = _as_list(self.encoder.generation_config.eos_token_id)
+        with torch.random.fork_rng(devices=_rng_devices(self.device)):
+            torch.manual_seed(seed)
+            out = self.encoder.generate(
+                **inputs,
+                do_sample=temperature > 0,
+                temperature=temperature if temperature > 0 else None,
+                top_p=(d.top_p if top_p is None else top_p) if temperature > 0 else None,
+                top_k=None,
+                max_new_tokens=d.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                num_return_sequences=num_generations,
+                # Sampled vision/chat special tokens break the next forward (image tokens must match features).
+                suppress_tokens=special_token_ids_to_suppress(tokenizer, keep=eos),
+                eos_token_id=eos,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        completions = out[:, inputs["input_ids"].shape[1] :]
+        return [c.strip() for c in tokenizer.batch_decode(completions, skip_special_tokens=True)]
+
+    # ---------------------------------------------------------------- decoder: caption -> image
+    @torch.no_grad()
+    def condition(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decoder conditioning of captions: prompt_embeds [B, L, D], mask [B, L] (bool), pooled [B, P]."""
+        if self.conditioning == "text":
+            return self.decoder.encode_text(captions)
+        tokenizer = self.processor.tokenizer
+        ids = [
+            tokenizer.encode(
+                self.processor.apply_chat_template(conditioning_messages(c), tokenize=False, add_generation_prompt=True)
+            )
+            for c in captions
+        ]
+        length = max(len(i) for i in ids)
+        input_ids = torch.full((len(ids), length), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), length), dtype=torch.bool)
+        for row, seq in enumerate(ids):
+            input_ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = True
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        embeds = self.encoder.project(input_ids, mask.long())
+        pooled = self.decoder.pooled_empty.expand(len(captions), -1)
+        return embeds, mask, pooled
+
+    def negative_conditioning(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Conditioning of the negative prompt (UAE's fixed text in llm mode, "" in text mode), computed once."""
+        if self._negative is None:
+            self._negative = self.condition([NEGATIVE_PROMPT if self.conditioning == "llm" else ""])
+        return self._negative
+
+    @torch.no_grad()
+    def generate_tensors(
+        self,
+        captions: Sequence[str] | str,
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+        size: int | tuple[int, int] | None = None,
+        seed: int | Sequence[int] = 0,
+        allow_empty: bool = False,
+    ) -> torch.Tensor:
+        """Like :meth:`generate` but returns a float tensor [B, 3, H, W] in [0, 1] on the model's device."""
+        captions = _as_list(captions)
+        if not captions:
+            raise ConfigError("generate needs at least one caption")
+        for i, c in enumerate(captions):
+            if not isinstance(c, str):
+                raise ConfigError(f"caption {i} is a {type(c).__name__}, not a string")
+            if not allow_empty and not c.strip():
+                raise ConfigError(f"caption {i} is empty: the decoder needs text to condition on")
+        d = self.defaults
+        height, width = _size(d.size if size is None else size, self.decoder.vae_scale_factor)
+        seeds = [seed + i for i in range(len(captions))] if isinstance(seed, int) else list(seed)
+        if len(seeds) != len(captions):
+            raise ConfigError(f"got {len(seeds)} seeds for {len(captions)} captions")
+        guidance = d.guidance if guidance is None else guidance
+        embeds, mask, pooled = self.condition(captions)
+        return self.decoder.sample(
+            embeds,
+            mask,
+            pooled,
+            self.decoder.initial_noise(seeds, height, width),
+            steps=d.steps if steps is None else steps,
+            guidance=guidance,
+            negative=self.negative_conditioning() if guidance > 1.0 else None,
+        )
+
+    def generate(self, captions: Sequence[str] | str, **kwargs) -> list[Image.Image]:
+        """Render captions to PIL images. Sample i uses noise seed `seed + i` (or `seed[i]` for a list).
+
+        Keyword args: steps, guidance (CFG scale; <= 1 disables CFG), size (int or (height, width), a multiple of
+        the VAE factor), seed, allow_empty.
+        """
+        return tensors_to_pil(self.generate_tensors(captions, **kwargs))
+
+    # ---------------------------------------------------------------- both
+    def reconstruct(
+        self, images: Sequence[ImageSource] | ImageSource, *, num_generations: int = 1, seed: int = 0, **kwargs
+    ) -> Reconstruction:
+        """image → caption(s) → image(s). Captions of one image share its noise seed, so they compare fairly.
+
+        kwargs go to :meth:`caption` (temperature, top_p, max_new_tokens) or :meth:`generate` (steps, guidance, size).
+        """
+        gen_keys = {"steps", "guidance", "size"}
+        cap_kwargs = {k: v for k, v in kwargs.items() if k not in gen_keys}
+        gen_kwargs = {k: v for k, v in kwargs.items() if k in gen_keys}
+        images = _as_list(images)
+        captions = self.caption(images, num_generations=num_generations, seed=seed, **cap_kwargs)
+        seeds = [seed + i // num_generations for i in range(len(captions))]
+        # The model may legitimately say nothing; that caption is rendered rather than refused.
+        return Reconstruction(captions, self.generate(captions, seed=seeds, allow_empty=True, **gen_kwargs))
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write the released layout (llm/, SD3/, dit/, and llm_lora/ / dit_lora/ when adapters exist)."""
+        return save_components(self.components, path)
+
+
+def load(
+    name_or_path: str | os.PathLike,
+    *,
+    conditioning: str = "llm",
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+) -> UAE:
+    """Load a UAE: a preset name (`tiny`, `uae-3b`) or a checkpoint folder in the released layout.
+
+    `tiny` builds small random-weight components from `seed`. `uae-3b` reads the folder named by the
+    UAE_FAST_UAE3B environment variable (nothing is ever downloaded). Missing paths raise CheckpointError.
+    """
+    if conditioning not in ("llm", "text"):
+        raise ConfigError(f"conditioning must be 'llm' or 'text', got {conditioning!r}")
+    name = str(name_or_path)
+    if name == "tiny":
+        from .presets.tiny import build_tiny
+
+        return UAE(build_tiny(seed), conditioning=conditioning, defaults=PRESETS["tiny"], device=device, dtype=dtype)
+    defaults = InferenceDefaults()
+    if name == "uae-3b":
+        folder = os.environ.get(UAE_3B_ENV)
+        if not folder:
+            raise CheckpointError(
+                f"preset 'uae-3b' needs the released weights on disk: set {UAE_3B_ENV}=/path/to/UAE "
+                "(a folder with llm/, llm_lora/, SD3/, dit/, dit_lora/)"
+            )
+        name = folder
+    components = load_components(Path(name), conditioning=conditioning)
+    return UAE(components, conditioning=conditioning, defaults=defaults, device=device, dtype=dtype)
+
+
+def tensors_to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] floats in [0, 1] → RGB PIL images (rounded, not truncated)."""
+    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
+
+
+def _as_list(x) -> list:
+    if isinstance(x, (list, tuple)):
+        return list(x)
+    return [x]
+
+
+def _size(size, factor: int) -> tuple[int, int]:
+    height, width = (size, size) if isinstance(size, int) else size
+    if height <= 0 or width <= 0 or height % factor or width % factor:
+        raise ConfigError(f"size must be positive multiples of {factor} (the VAE factor), got {height}x{width}")
+    return int(height), int(width)
+
+
+def _rng_devices(device: torch.device) -> list:
+    return [device] if device.type == "cuda" else []

@@ -1,0 +1,213 @@
+"""UAE components and the released checkpoint layout: save and load.
+
+Layout (the authors' release and our checkpoints alike; safetensors only, all local paths):
+
+    llm/        Qwen2.5-VL + projector (`projector.0.*`, `projector.2.*`), plus the processor files
+    llm_lora/   LoRA of the encoder: a PEFT adapter folder (ours), or the release's full-state-dict shards
+    SD3/        the base SD3.5 pipeline folder: vae/, scheduler/, text_encoder{,_2,_3}/, tokenizer{,_2,_3}/
+    dit/        full DiT weights (falls back to SD3/transformer/ when absent)
+    dit_lora/   PEFT LoRA of the DiT
+    llm_processor/  (release only) processor files when llm/ has none
+
+Nothing here downloads: a missing folder is a `CheckpointError` that names the path it expected.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from ..io import atomic_dir
+from .decoder import TextEncoders, clip_pooled_embeds
+from .lora import load_encoder_lora, save_lora
+
+__all__ = ["UAEComponents", "save_components", "load_components", "default_device", "default_dtype"]
+
+_FORMAT_FILE = "uae_fast.json"
+_TEXT_ENCODER_FOLDERS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+
+
+@dataclass
+class UAEComponents:
+    """Every module of a UAE, before being wired into an encoder/decoder pair."""
+
+    encoder: torch.nn.Module  # UAEEncoder (its `.model` may be PEFT-wrapped)
+    processor: object  # Qwen2_5_VLProcessor
+    transformer: torch.nn.Module  # SD3Transformer2DModel (may be a PeftModel)
+    vae: torch.nn.Module
+    scheduler: object
+    text_encoders: TextEncoders | None  # None once only the pooled "" embedding is kept (llm mode)
+    pooled_empty: torch.Tensor | None = None  # [1, P]
+    source: Path | None = None  # checkpoint folder these came from: SD3/ text encoders are copied from it on save
+    max_sequence_length: int = 256  # T5 tokens in text mode
+
+    def to(self, device, dtype) -> UAEComponents:
+        modules = [self.encoder, self.transformer, self.vae]
+        if self.text_encoders is not None:
+            enc = self.text_encoders
+            modules += [m for m in (enc.clip_l, enc.clip_g, enc.t5) if m is not None]
+        for module in modules:
+            first = next(module.parameters())
+            if first.device != torch.device(device) or first.dtype != dtype:  # no-op casts still warn in diffusers
+                module.to(device=device, dtype=dtype)
+        if self.pooled_empty is not None:
+            self.pooled_empty = self.pooled_empty.to(device=device, dtype=dtype)
+        return self
+
+    def compute_pooled_empty(self) -> torch.Tensor:
+        """SD3's pooled embedding of "" — the constant `pooled_prompt_embeds` of UAE's llm conditioning."""
+        if self.pooled_empty is None:
+            self.pooled_empty = clip_pooled_embeds(self.text_encoders, [""])
+        return self.pooled_empty
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs (as the release runs), fp32 on CPUs (bf16 CPU kernels are not all exact or fast)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def save_components(components: UAEComponents, out_dir: str | Path) -> Path:
+    """Write `components` in the released layout, atomically (a temp folder renamed into place)."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        encoder = components.encoder
+        base_encoder_model = encoder.model
+        if hasattr(base_encoder_model, "get_base_model"):  # PEFT-wrapped LM: base weights to llm/, adapter apart
+            save_lora(base_encoder_model, tmp / "llm_lora")
+            encoder.model = base_encoder_model.get_base_model()
+        try:
+            encoder.save_pretrained(tmp / "llm", safe_serialization=True)
+        finally:
+            encoder.model = base_encoder_model
+        components.processor.save_pretrained(tmp / "llm")
+
+        transformer = components.transformer
+        if hasattr(transformer, "get_base_model"):
+            save_lora(transformer, tmp / "dit_lora")
+            transformer = transformer.get_base_model()
+        transformer.save_pretrained(tmp / "dit", safe_serialization=True)
+
+        sd3 = tmp / "SD3"
+        components.vae.save_pretrained(sd3 / "vae", safe_serialization=True)
+        components.scheduler.save_pretrained(sd3 / "scheduler")
+        max_sequence_length = _save_text_encoders(components, sd3)
+        meta = {"format": "uae_fast", "version": 1, "t5_max_sequence_length": max_sequence_length}
+        (tmp / _FORMAT_FILE).write_text(json.dumps(meta, indent=2))
+    return out_dir
+
+
+def _save_text_encoders(components: UAEComponents, sd3: Path) -> int:
+    """Save SD3's text encoders, or copy them from the source checkpoint when they were dropped at load."""
+    enc = components.text_encoders
+    if enc is None:
+        source = components.source / "SD3" if components.source is not None else None
+        if source is None:
+            raise CheckpointError("cannot write SD3/: its text encoders were dropped at load and the source is unknown")
+        for sub in _TEXT_ENCODER_FOLDERS:
+            if (source / sub).exists():
+                shutil.copytree(source / sub, sd3 / sub)
+        return components.max_sequence_length
+    models = (enc.clip_l, enc.clip_g, enc.t5, enc.tokenizer_l, enc.tokenizer_g, enc.tokenizer_t5)
+    for sub, obj in zip(_TEXT_ENCODER_FOLDERS, models):
+        if obj is not None:
+            obj.save_pretrained(sd3 / sub)
+    return enc.max_sequence_length
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise CheckpointError(f"missing {what}: expected {path}")
+    return path
+
+
+def _load_processor(root: Path):
+    from transformers import AutoProcessor
+
+    for folder in (root / "llm", root / "llm_processor"):
+        if (folder / "preprocessor_config.json").exists() or (folder / "processor_config.json").exists():
+            processor = AutoProcessor.from_pretrained(folder)
+            processor.tokenizer.padding_side = "left"  # batched generation continues each prompt at its end
+            return processor
+    raise CheckpointError(f"missing Qwen2.5-VL processor files: expected {root / 'llm'} or {root / 'llm_processor'}")
+
+
+def _load_encoder(root: Path):
+    from .encoder import UAEEncoder
+
+    llm = _require(root / "llm" / "config.json", "encoder (Qwen2.5-VL + projector)").parent
+    encoder, info = UAEEncoder.from_pretrained(llm, output_loading_info=True, dtype=torch.float32)
+    missing = [k for k in info["missing_keys"] if k.startswith("projector")]
+    if missing:
+        raise CheckpointError(f"{llm} has no projector weights ({', '.join(sorted(missing))}): not a UAE encoder")
+    lora = root / "llm_lora"
+    if lora.exists():
+        load_encoder_lora(encoder, lora)
+    return encoder.eval()
+
+
+def _load_text_encoders(sd3: Path, with_t5: bool, max_sequence_length: int) -> TextEncoders:
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+
+    def model(cls, sub):
+        return cls.from_pretrained(_require(sd3 / sub, f"SD3 {sub}"), dtype=torch.float32).eval()
+
+    def tokenizer(sub):
+        return AutoTokenizer.from_pretrained(_require(sd3 / sub, f"SD3 {sub}"))
+
+    return TextEncoders(
+        clip_l=model(CLIPTextModelWithProjection, "text_encoder"),
+        clip_g=model(CLIPTextModelWithProjection, "text_encoder_2"),
+        t5=model(T5EncoderModel, "text_encoder_3") if with_t5 else None,
+        tokenizer_l=tokenizer("tokenizer"),
+        tokenizer_g=tokenizer("tokenizer_2"),
+        tokenizer_t5=tokenizer("tokenizer_3") if with_t5 else None,
+        max_sequence_length=max_sequence_length,
+    )
+
+
+def load_components(root: str | Path, *, conditioning: str = "llm") -> UAEComponents:
+    """Load a checkpoint folder in the released layout (fp32, CPU; move with `.to`).
+
+    In `llm` conditioning only CLIP-L/G are loaded from SD3/, to compute the pooled embedding of "" once, and are
+    then dropped; T5 is loaded only in `text` mode.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from peft import PeftModel
+
+    root = Path(root)
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {root}")
+    sd3 = _require(root / "SD3", "SD3 base pipeline folder")
+    meta_path = root / _FORMAT_FILE
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+
+    processor = _load_processor(root)
+    encoder = _load_encoder(root)
+    dit = (
+        root / "dit"
+        if (root / "dit").exists()
+        else _require(sd3 / "transformer", "DiT weights (dit/ or SD3/transformer/)")
+    )
+    transformer = SD3Transformer2DModel.from_pretrained(dit, dtype=torch.float32).eval()
+    if (root / "dit_lora").exists():
+        transformer = PeftModel.from_pretrained(transformer, root / "dit_lora").eval()
+    vae = AutoencoderKL.from_pretrained(_require(sd3 / "vae", "SD3 VAE"), dtype=torch.float32).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(_require(sd3 / "scheduler", "SD3 scheduler"))
+    max_len = meta.get("t5_max_sequence_length", 256)
+    text_encoders = _load_text_encoders(sd3, with_t5=conditioning == "text", max_sequence_length=max_len)
+    components = UAEComponents(
+        encoder, processor, transformer, vae, scheduler, text_encoders, source=root, max_sequence_length=max_len
+    )
+    if conditioning == "llm":
+        components.compute_pooled_empty()
+        components.text_encoders = None  # only the pooled "" embedding is needed from here on
+    return components

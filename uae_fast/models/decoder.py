@@ -1,0 +1,209 @@
+"""The UAE decoder: SD3/SD3.5 MM-DiT + VAE + flow-matching Euler sampler, conditioned on captions.
+
+Two conditioning modes:
+- `llm` (official UAE): `prompt_embeds` come from the encoder's projector (see `UAEEncoder.project`);
+  `pooled_prompt_embeds` is SD3's pooled CLIP embedding of "" — computed once at load, after which the CLIP text
+  encoders are dropped (the T5-XXL encoder is never loaded in this mode).
+- `text` (vanilla SD3.5 baseline): CLIP-L + CLIP-G + T5 encode the caption exactly as diffusers' pipeline does.
+
+The sampler is our own Euler loop (not the diffusers pipeline) because the RL stages need its internals and because it
+takes a text padding mask, so captions of different lengths batch together without changing each other's images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .attention import use_masked_joint_attention
+
+__all__ = ["TextEncoders", "UAEDecoder", "clip_pooled_embeds", "pad_and_stack"]
+
+
+@dataclass
+class TextEncoders:
+    """SD3's three text encoders and their tokenizers (T5 may be None: SD3 then uses zeros for its part)."""
+
+    clip_l: nn.Module
+    clip_g: nn.Module
+    t5: nn.Module | None
+    tokenizer_l: object
+    tokenizer_g: object
+    tokenizer_t5: object | None
+    max_sequence_length: int = 256
+
+
+@torch.no_grad()
+def clip_pooled_embeds(encoders: TextEncoders, texts: list[str]) -> torch.Tensor:
+    """SD3's pooled projection: CLIP-L and CLIP-G `text_embeds` of the texts, concatenated. Returns [B, P]."""
+    pooled = []
+    for tokenizer, model in ((encoders.tokenizer_l, encoders.clip_l), (encoders.tokenizer_g, encoders.clip_g)):
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
+        ids = torch.as_tensor(ids.input_ids, device=model.device)
+        pooled.append(model(ids, output_hidden_states=False).text_embeds)
+    return torch.cat(pooled, dim=-1)
+
+
+def pad_and_stack(embeds: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad [B_i, L_i, D] embeddings (and [B_i, L_i] masks) to a common length and concatenate on batch."""
+    length = max(e.shape[1] for e in embeds)
+    out_e, out_m = [], []
+    for e, m in zip(embeds, masks):
+        pad = length - e.shape[1]
+        out_e.append(nn.functional.pad(e, (0, 0, 0, pad)))
+        out_m.append(nn.functional.pad(m.bool(), (0, pad), value=False))
+    return torch.cat(out_e), torch.cat(out_m)
+
+
+class UAEDecoder(nn.Module):
+    """SD3 transformer + VAE + flow-matching scheduler, with a masked-attention Euler sampler.
+
+    Args:
+        transformer: `SD3Transformer2DModel` (optionally PEFT-wrapped).
+        vae: SD3 `AutoencoderKL` (16 latent channels).
+        scheduler: `FlowMatchEulerDiscreteScheduler`; only its sigma schedule is used.
+        conditioning: "llm" or "text".
+        pooled_empty: [1, P] pooled CLIP embedding of "" (llm mode).
+        text_encoders: required in text mode.
+    """
+
+    def __init__(self, transformer, vae, scheduler, conditioning: str, pooled_empty=None, text_encoders=None):
+        super().__init__()
+        if conditioning not in ("llm", "text"):
+            raise ValueError(f"conditioning must be 'llm' or 'text', got {conditioning!r}")
+        if conditioning == "text" and text_encoders is None:
+            raise ValueError("text conditioning needs the SD3 text encoders")
+        if conditioning == "llm" and pooled_empty is None:
+            raise ValueError("llm conditioning needs the pooled embedding of the empty prompt")
+        self.transformer = transformer
+        self.vae = vae
+        self.scheduler = scheduler
+        self.conditioning = conditioning
+        self.text_encoders = text_encoders
+        self.register_buffer("pooled_empty", pooled_empty, persistent=False)
+        use_masked_joint_attention(self._base_transformer)
+
+    @property
+    def _base_transformer(self):
+        """The SD3 transformer under any PEFT wrapper (set_attn_processor lives there)."""
+        model = self.transformer
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self._base_transformer.config.in_channels
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Vanilla SD3 text conditioning. Returns prompt_embeds [B, L, D], mask [B, L] (all real), pooled [B, P]."""
+        from diffusers import StableDiffusion3Pipeline
+
+        enc = self.text_encoders
+        # diffusers' own encode_prompt is the reference for vanilla SD3; reuse it rather than re-derive it.
+        pipe = StableDiffusion3Pipeline(
+            transformer=self._base_transformer,
+            scheduler=self.scheduler,
+            vae=self.vae,
+            text_encoder=enc.clip_l,
+            tokenizer=enc.tokenizer_l,
+            text_encoder_2=enc.clip_g,
+            tokenizer_2=enc.tokenizer_g,
+            text_encoder_3=enc.t5,
+            tokenizer_3=enc.tokenizer_t5,
+        )
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt=texts,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=enc.max_sequence_length,
+        )
+        return embeds, torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device), pooled
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    def initial_noise(self, seeds: list[int], height: int, width: int) -> torch.Tensor:
+        """[B, C, h, w] Gaussian latents, one CPU generator per seed so each sample's noise is batch-independent."""
+        f = self.vae_scale_factor
+        shape = (self.latent_channels, height // f, width // f)
+        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        return torch.stack(noise).to(self.device, self.dtype)
+
+    def sigmas(self, steps: int) -> torch.Tensor:
+        """The scheduler's shifted sigma schedule, [steps + 1] from ~1 down to 0."""
+        self.scheduler.set_timesteps(steps, device="cpu")
+        return self.scheduler.sigmas.to(torch.float32)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompt_embeds: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        pooled: torch.Tensor,
+        noise: torch.Tensor,
+        *,
+        steps: int,
+        guidance: float,
+        negative: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Euler flow-matching sampling with optional classifier-free guidance.
+
+        Args:
+            prompt_embeds: [B, L, D]; prompt_mask: [B, L] bool; pooled: [B, P]; noise: [B, C, h, w].
+            negative: (embeds [1, Ln, D], mask [1, Ln], pooled [1, P]) of the negative prompt; needed if guidance > 1.
+
+        Returns:
+            Images [B, 3, H, W] in [0, 1], float32.
+        """
+        batch = prompt_embeds.shape[0]
+        cfg = guidance > 1.0
+        if cfg:
+            if negative is None:
+                raise ValueError("guidance > 1 needs the negative prompt conditioning")
+            neg_e, neg_m, neg_p = negative
+            prompt_embeds, prompt_mask = pad_and_stack(
+                [neg_e.expand(batch, -1, -1), prompt_embeds], [neg_m.expand(batch, -1), prompt_mask]
+            )
+            pooled = torch.cat([neg_p.expand(batch, -1), pooled])
+        kwargs = {"attention_mask": prompt_mask} if not bool(prompt_mask.all()) else None
+        latents = noise.to(self.dtype)
+        sigmas = self.sigmas(steps)
+        timesteps = sigmas * self.scheduler.config.num_train_timesteps
+        for i in range(steps):
+            model_in = torch.cat([latents, latents]) if cfg else latents
+            t = timesteps[i].to(self.device).expand(model_in.shape[0])  # fp32, as the diffusers pipeline passes it
+            velocity = self.transformer(
+                hidden_states=model_in,
+                timestep=t,
+                encoder_hidden_states=prompt_embeds.to(self.dtype),
+                pooled_projections=pooled.to(self.dtype),
+                joint_attention_kwargs=kwargs,
+                return_dict=False,
+            )[0]
+            if cfg:
+                uncond, cond = velocity.chunk(2)
+                velocity = uncond + guidance * (cond - uncond)
+            # Euler step in fp32: the latent update is the one place where bf16 rounding accumulates over steps.
+            latents = (latents.float() + (sigmas[i + 1] - sigmas[i]) * velocity.float()).to(self.dtype)
+        return self.decode_latents(latents)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE decode with SD3's scaling/shift. Returns [B, 3, H, W] float32 in [0, 1]."""
+        cfg = self.vae.config
+        latents = latents / cfg.scaling_factor + cfg.shift_factor
+        image = self.vae.decode(latents.to(self.dtype), return_dict=False)[0]
+        return (image.float() / 2 + 0.5).clamp(0, 1)

@@ -1,0 +1,88 @@
+"""LoRA adapters in the released layout.
+
+Our checkpoints store adapters as PEFT adapter folders (`adapter_config.json` + `adapter_model.safetensors`). The
+authors' `llm_lora/` is different: the encoder's inner model wrapped with `get_peft_model(r=32, alpha=64,
+target_modules="all-linear")` and its *whole* state dict saved as `model-0000i-of-0000n.safetensors` shards, which
+their demo loads with `load_state_dict(strict=False)`. We reproduce that wrapping and load the same keys, but match
+them explicitly (tolerating the pre-4.52 transformers key names) so a wrong file is an error, not a silent no-op.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+
+__all__ = ["save_lora", "load_encoder_lora", "RELEASE_LORA_RANK", "RELEASE_LORA_ALPHA"]
+
+RELEASE_LORA_RANK = 32
+RELEASE_LORA_ALPHA = 64
+
+
+def save_lora(peft_model, path: Path) -> None:
+    """Write a PEFT adapter folder (safetensors)."""
+    peft_model.save_pretrained(str(path), safe_serialization=True)
+
+
+def _canonical(key: str) -> str:
+    """One name per parameter across PEFT wrapping and transformers' 4.52 module rename."""
+    key = key.replace("base_model.model.", "")
+    key = key.replace("language_model.", "")
+    if key.startswith("visual."):
+        key = "model." + key
+    return key
+
+
+def _read_release_shards(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        raise CheckpointError(f"{path} holds neither adapter_config.json (PEFT adapter) nor *.safetensors shards")
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state.update(load_file(shard))
+    return state
+
+
+def _release_rank(state: dict[str, torch.Tensor], path: Path) -> int:
+    ranks = {t.shape[0] for k, t in state.items() if re.search(r"lora_A(\.\w+)?\.weight$", k)}
+    if len(ranks) != 1:
+        raise CheckpointError(f"{path}: expected LoRA A matrices of one rank, found ranks {sorted(ranks) or 'none'}")
+    return ranks.pop()
+
+
+def _load_release_lora(encoder, path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    state = _read_release_shards(path)
+    rank = _release_rank(state, path)
+    alpha = RELEASE_LORA_ALPHA * rank // RELEASE_LORA_RANK  # the release's alpha/r = 2
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules="all-linear", init_lora_weights="gaussian")
+    encoder.model = get_peft_model(encoder.model, config)
+    ours = {_canonical(k): k for k in encoder.state_dict()}
+    matched = {ours[_canonical(k)]: v for k, v in state.items() if _canonical(k) in ours}
+    lora_expected = {k for k in encoder.state_dict() if "lora_" in k}
+    lora_missing = sorted(lora_expected - matched.keys())
+    if lora_missing:
+        raise CheckpointError(
+            f"{path}: {len(lora_missing)} of {len(lora_expected)} LoRA weights not found (first: {lora_missing[0]})"
+        )
+    unmatched = [k for k in state if _canonical(k) not in ours]
+    if unmatched:
+        raise CheckpointError(f"{path}: {len(unmatched)} weights match no encoder parameter (first: {unmatched[0]})")
+    encoder.load_state_dict(matched, strict=False)
+
+
+def load_encoder_lora(encoder, path: Path) -> None:
+    """Attach the encoder LoRA at `path` (PEFT adapter folder or release shards) to `encoder.model`, in place."""
+    from peft import PeftModel
+
+    path = Path(path)
+    if (path / "adapter_config.json").exists():
+        encoder.model = PeftModel.from_pretrained(encoder.model, str(path))
+    else:
+        _load_release_lora(encoder, path)
