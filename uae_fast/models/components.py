@@ -20,15 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from ..errors import CheckpointError
 from ..io import atomic_dir
 from .decoder import TextEncoders, clip_pooled_embeds
-from .lora import load_encoder_lora, save_lora
+from .lora import base_state_dict, load_encoder_lora, save_lora
 
 __all__ = ["UAEComponents", "save_components", "load_components", "default_device", "default_dtype"]
 
 _FORMAT_FILE = "uae_fast.json"
+_DIT_WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' file name, so SD3Transformer2DModel loads it
 _TEXT_ENCODER_FOLDERS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
 
 
@@ -80,21 +82,17 @@ def save_components(components: UAEComponents, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         encoder = components.encoder
-        base_encoder_model = encoder.model
-        if hasattr(base_encoder_model, "get_base_model"):  # PEFT-wrapped LM: base weights to llm/, adapter apart
-            save_lora(base_encoder_model, tmp / "llm_lora")
-            encoder.model = base_encoder_model.get_base_model()
-        try:
-            encoder.save_pretrained(tmp / "llm", safe_serialization=True)
-        finally:
-            encoder.model = base_encoder_model
+        if _is_peft(encoder.model):
+            save_lora(encoder.model, tmp / "llm_lora")
+        encoder.save_pretrained(tmp / "llm", state_dict=base_state_dict(encoder))
         components.processor.save_pretrained(tmp / "llm")
 
         transformer = components.transformer
-        if hasattr(transformer, "get_base_model"):
+        if _is_peft(transformer):
             save_lora(transformer, tmp / "dit_lora")
             transformer = transformer.get_base_model()
-        transformer.save_pretrained(tmp / "dit", safe_serialization=True)
+        transformer.save_config(tmp / "dit")
+        save_file(base_state_dict(transformer), tmp / "dit" / _DIT_WEIGHTS, metadata={"format": "pt"})
 
         sd3 = tmp / "SD3"
         components.vae.save_pretrained(sd3 / "vae", safe_serialization=True)
@@ -123,6 +121,23 @@ def _save_text_encoders(components: UAEComponents, sd3: Path) -> int:
     return enc.max_sequence_length
 
 
+def _is_peft(module: torch.nn.Module) -> bool:
+    return hasattr(module, "peft_config") and hasattr(module, "get_base_model")
+
+
+def _aligned(module: torch.nn.Module) -> torch.nn.Module:
+    """Give every tensor of a freshly loaded CPU module 64-byte-aligned storage.
+
+    Weights loaded from safetensors can be views at arbitrary offsets of one buffer; CPU GEMM libraries then take a
+    different (slower) kernel whose rounding differs from the one a freshly built model gets, so a save/load round
+    trip would not reproduce outputs bit for bit.
+    """
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if tensor.device.type == "cpu" and tensor.data_ptr() % 64:
+            tensor.data = tensor.data.clone()
+    return module
+
+
 def _require(path: Path, what: str) -> Path:
     if not path.exists():
         raise CheckpointError(f"missing {what}: expected {path}")
@@ -145,12 +160,14 @@ def _load_encoder(root: Path):
 
     llm = _require(root / "llm" / "config.json", "encoder (Qwen2.5-VL + projector)").parent
     encoder, info = UAEEncoder.from_pretrained(llm, output_loading_info=True, dtype=torch.float32)
+    _aligned(encoder)
     missing = [k for k in info["missing_keys"] if k.startswith("projector")]
     if missing:
         raise CheckpointError(f"{llm} has no projector weights ({', '.join(sorted(missing))}): not a UAE encoder")
     lora = root / "llm_lora"
     if lora.exists():
         load_encoder_lora(encoder, lora)
+        _aligned(encoder)
     return encoder.eval()
 
 
@@ -158,7 +175,7 @@ def _load_text_encoders(sd3: Path, with_t5: bool, max_sequence_length: int) -> T
     from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
     def model(cls, sub):
-        return cls.from_pretrained(_require(sd3 / sub, f"SD3 {sub}"), dtype=torch.float32).eval()
+        return _aligned(cls.from_pretrained(_require(sd3 / sub, f"SD3 {sub}"), dtype=torch.float32).eval())
 
     def tokenizer(sub):
         return AutoTokenizer.from_pretrained(_require(sd3 / sub, f"SD3 {sub}"))
@@ -190,17 +207,17 @@ def load_components(root: str | Path, *, conditioning: str = "llm") -> UAECompon
     meta_path = root / _FORMAT_FILE
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
 
-    processor = _load_processor(root)
     encoder = _load_encoder(root)
+    processor = _load_processor(root)
     dit = (
         root / "dit"
         if (root / "dit").exists()
         else _require(sd3 / "transformer", "DiT weights (dit/ or SD3/transformer/)")
     )
-    transformer = SD3Transformer2DModel.from_pretrained(dit, dtype=torch.float32).eval()
+    transformer = _aligned(SD3Transformer2DModel.from_pretrained(dit, dtype=torch.float32).eval())
     if (root / "dit_lora").exists():
-        transformer = PeftModel.from_pretrained(transformer, root / "dit_lora").eval()
-    vae = AutoencoderKL.from_pretrained(_require(sd3 / "vae", "SD3 VAE"), dtype=torch.float32).eval()
+        transformer = _aligned(PeftModel.from_pretrained(transformer, root / "dit_lora").eval())
+    vae = _aligned(AutoencoderKL.from_pretrained(_require(sd3 / "vae", "SD3 VAE"), dtype=torch.float32).eval())
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(_require(sd3 / "scheduler", "SD3 scheduler"))
     max_len = meta.get("t5_max_sequence_length", 256)
     text_encoders = _load_text_encoders(sd3, with_t5=conditioning == "text", max_sequence_length=max_len)

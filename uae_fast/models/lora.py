@@ -16,7 +16,7 @@ import torch
 
 from ..errors import CheckpointError
 
-__all__ = ["save_lora", "load_encoder_lora", "RELEASE_LORA_RANK", "RELEASE_LORA_ALPHA"]
+__all__ = ["save_lora", "load_encoder_lora", "base_state_dict", "RELEASE_LORA_RANK", "RELEASE_LORA_ALPHA"]
 
 RELEASE_LORA_RANK = 32
 RELEASE_LORA_ALPHA = 64
@@ -25,6 +25,20 @@ RELEASE_LORA_ALPHA = 64
 def save_lora(peft_model, path: Path) -> None:
     """Write a PEFT adapter folder (safetensors)."""
     peft_model.save_pretrained(str(path), safe_serialization=True)
+
+
+def base_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's weights without its LoRA adapters, under the names the un-adapted model has.
+
+    PEFT injects adapters in place (`q_proj` becomes a wrapper holding `base_layer` and `lora_A/B`), so even the
+    "base model" of a PeftModel carries them; the released `llm/` and `dit/` folders must not.
+    """
+    state = {}
+    for key, tensor in module.state_dict().items():
+        if "lora_" in key:
+            continue
+        state[key.replace("base_model.model.", "").replace(".base_layer", "")] = tensor
+    return state
 
 
 def _canonical(key: str) -> str:
@@ -48,10 +62,23 @@ def _read_release_shards(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _release_targets(state: dict[str, torch.Tensor], inner_model, path: Path) -> list[str]:
+    """Module names of `encoder.model` that carry LoRA in the release shards (all-linear: LM and, since
+    transformers 4.52, the vision tower too; older saves wrapped the LM only)."""
+    wanted = {_canonical(k.split(".lora_A")[0]) for k in state if ".lora_A" in k}
+    if not wanted:
+        raise CheckpointError(f"{path}: the safetensors shards contain no LoRA weights (no '.lora_A' keys)")
+    ours = {_canonical("model." + n): n for n, m in inner_model.named_modules() if isinstance(m, torch.nn.Linear)}
+    unknown = sorted(wanted - ours.keys())
+    if unknown:
+        raise CheckpointError(f"{path}: LoRA on {len(unknown)} layers the encoder does not have (first: {unknown[0]})")
+    return sorted(ours[w] for w in wanted)
+
+
 def _release_rank(state: dict[str, torch.Tensor], path: Path) -> int:
     ranks = {t.shape[0] for k, t in state.items() if re.search(r"lora_A(\.\w+)?\.weight$", k)}
     if len(ranks) != 1:
-        raise CheckpointError(f"{path}: expected LoRA A matrices of one rank, found ranks {sorted(ranks) or 'none'}")
+        raise CheckpointError(f"{path}: expected LoRA A matrices of one rank, found ranks {sorted(ranks)}")
     return ranks.pop()
 
 
@@ -59,21 +86,20 @@ def _load_release_lora(encoder, path: Path) -> None:
     from peft import LoraConfig, get_peft_model
 
     state = _read_release_shards(path)
+    targets = _release_targets(state, encoder.model, path)
     rank = _release_rank(state, path)
     alpha = RELEASE_LORA_ALPHA * rank // RELEASE_LORA_RANK  # the release's alpha/r = 2
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules="all-linear", init_lora_weights="gaussian")
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights="gaussian")
     encoder.model = get_peft_model(encoder.model, config)
     ours = {_canonical(k): k for k in encoder.state_dict()}
-    matched = {ours[_canonical(k)]: v for k, v in state.items() if _canonical(k) in ours}
-    lora_expected = {k for k in encoder.state_dict() if "lora_" in k}
-    lora_missing = sorted(lora_expected - matched.keys())
-    if lora_missing:
-        raise CheckpointError(
-            f"{path}: {len(lora_missing)} of {len(lora_expected)} LoRA weights not found (first: {lora_missing[0]})"
-        )
     unmatched = [k for k in state if _canonical(k) not in ours]
     if unmatched:
         raise CheckpointError(f"{path}: {len(unmatched)} weights match no encoder parameter (first: {unmatched[0]})")
+    matched = {ours[_canonical(k)]: v for k, v in state.items()}
+    lora_missing = sorted(k for k in encoder.state_dict() if "lora_" in k and k not in matched)
+    if lora_missing:
+        raise CheckpointError(f"{path}: {len(lora_missing)} LoRA weights missing (first: {lora_missing[0]})")
+    # Like the authors' demo, every weight in the shards is loaded (base, projector and LoRA alike).
     encoder.load_state_dict(matched, strict=False)
 
 
