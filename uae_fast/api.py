@@ -109,23 +109,26 @@ class UAE:
         inputs = self.processor(text=[text] * len(pil), images=pil, padding=True, return_tensors="pt").to(self.device)
         tokenizer = self.processor.tokenizer
         eos = _as_list(self.encoder.generation_config.eos_token_id)
+        sampling = temperature > 0
         with torch.random.fork_rng(devices=_rng_devices(self.device)):
             torch.manual_seed(seed)
             out = self.encoder.generate(
                 **inputs,
-                do_sample=temperature > 0,
-                temperature=temperature if temperature > 0 else None,
-                top_p=(d.top_p if top_p is None else top_p) if temperature > 0 else None,
+                do_sample=sampling,
+                temperature=temperature if sampling else None,
+                top_p=(d.top_p if top_p is None else top_p) if sampling else None,
                 top_k=None,
                 max_new_tokens=d.max_new_tokens if max_new_tokens is None else max_new_tokens,
-                num_return_sequences=num_generations,
+                # Greedy captions of one image are all equal: decode once, repeat below.
+                num_return_sequences=num_generations if sampling else 1,
                 # Sampled vision/chat special tokens break the next forward (image tokens must match features).
                 suppress_tokens=special_token_ids_to_suppress(tokenizer, keep=eos),
                 eos_token_id=eos,
                 pad_token_id=tokenizer.pad_token_id,
             )
         completions = out[:, inputs["input_ids"].shape[1] :]
-        return [c.strip() for c in tokenizer.batch_decode(completions, skip_special_tokens=True)]
+        captions = [c.strip() for c in tokenizer.batch_decode(completions, skip_special_tokens=True)]
+        return captions if sampling else [c for c in captions for _ in range(num_generations)]
 
     # ---------------------------------------------------------------- decoder: caption -> image
     @torch.no_grad()
