@@ -1,9 +1,16 @@
 """uae_fast: train and evaluate Unified Auto-Encoders (Qwen2.5-VL captioner + SD3.5 decoder, Unified-GRPO)."""
 
-from .api import UAE, InferenceDefaults, Reconstruction, load
+from __future__ import annotations
+
+import importlib
+
 from .errors import CheckpointError, ConfigError, ImageLoadError, OutputError, UAEError
 
 __version__ = "0.1.0"
+
+# The API pulls in torch, transformers and diffusers (seconds of imports); load it on first use so that
+# `uae-fast --help` and the error types stay instant.
+_LAZY = {"UAE": "api", "InferenceDefaults": "api", "Reconstruction": "api", "load": "api"}
 
 __all__ = [
     "UAE",
@@ -17,3 +24,15 @@ __all__ = [
     "OutputError",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -11,6 +11,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 
 import uae_fast
+from uae_fast.api import PRESETS
 from uae_fast.errors import CheckpointError
 from uae_fast.models.components import load_components, save_components
 from uae_fast.presets.tiny import build_tiny
@@ -78,7 +79,7 @@ def _with_adapters():
     _randomise_lora(c.encoder, 1)
     c.transformer = get_peft_model(c.transformer, LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_v"]))
     _randomise_lora(c.transformer, 2)
-    return uae_fast.UAE(c, device="cpu", defaults=uae_fast.api.PRESETS["tiny"])
+    return uae_fast.UAE(c, device="cpu", defaults=PRESETS["tiny"])
 
 
 def test_lora_adapters_round_trip(tmp_path, demo, tiny):

@@ -83,3 +83,20 @@ def test_projector_keys_follow_the_release(tiny):
     keys = set(tiny.encoder.state_dict())
     assert {"projector.0.weight", "projector.0.bias", "projector.2.weight", "projector.2.bias"} <= keys
     assert tiny.encoder.projector[2].out_features == tiny.decoder._base_transformer.config.joint_attention_dim
+
+
+def test_attention_backend_is_sdpa_on_cpu_and_flash_attention_with_cuda(tiny, tiny_checkpoint, monkeypatch):
+    import importlib.util
+
+    import uae_fast
+    from uae_fast.models import encoder as encoder_module
+
+    assert encoder_module.attention_implementation() == "sdpa"
+    assert tiny.encoder.config._attn_implementation == "sdpa"
+    assert uae_fast.load(tiny_checkpoint, device="cpu").encoder.config._attn_implementation == "sdpa"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real_find_spec(name, *a)
+    )
+    assert encoder_module.attention_implementation() == "flash_attention_2"

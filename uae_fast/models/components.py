@@ -156,10 +156,12 @@ def _load_processor(root: Path):
 
 
 def _load_encoder(root: Path):
-    from .encoder import UAEEncoder
+    from .encoder import UAEEncoder, attention_implementation
 
     llm = _require(root / "llm" / "config.json", "encoder (Qwen2.5-VL + projector)").parent
-    encoder, info = UAEEncoder.from_pretrained(llm, output_loading_info=True, dtype=torch.float32)
+    encoder, info = UAEEncoder.from_pretrained(
+        llm, output_loading_info=True, dtype=torch.float32, attn_implementation=attention_implementation()
+    )
     _aligned(encoder)
     missing = [k for k in info["missing_keys"] if k.startswith("projector")]
     if missing:

@@ -7,6 +7,7 @@ the same code path.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 
 import torch
@@ -20,6 +21,7 @@ __all__ = [
     "UAEEncoder",
     "caption_messages",
     "conditioning_messages",
+    "attention_implementation",
 ]
 
 # The official caption instruction, verbatim from the authors' demo (including its markdown and spacing): the
@@ -37,6 +39,14 @@ GENERATE_ROLE = "generate"
 # Projector sizes of the released 3B checkpoint; tiny configs store their own in the config.
 _DEFAULT_PROJECTOR_HIDDEN = 8192
 _DEFAULT_PROJECTOR_OUT = 4096
+
+
+def attention_implementation() -> str:
+    """`flash_attention_2` when flash-attn and a CUDA device are present, else PyTorch SDPA (which has its own fused
+    CPU and GPU kernels). flash-attn is probed, never imported here: it fails to import without CUDA."""
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
 
 
 def caption_messages(prompt: str = CAPTION_PROMPT) -> list[dict]:

@@ -59,7 +59,7 @@ def _qwen_processor():
 def _encoder(tokenizer):
     from transformers import Qwen2_5_VLConfig
 
-    from ..models.encoder import UAEEncoder
+    from ..models.encoder import UAEEncoder, attention_implementation
 
     names = ("<|endoftext|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in names}
@@ -97,6 +97,7 @@ def _encoder(tokenizer):
         vision_end_token_id=ids["<|vision_end|>"],
         projector_hidden_size=TINY["projector_hidden"],
         projector_out_size=TINY["joint_dim"],
+        attn_implementation=attention_implementation(),
     )
     assert head_dim // 2 == sum(config.text_config.rope_parameters["mrope_section"])
     model = UAEEncoder(config)
