@@ -6,16 +6,18 @@ Errors caused by input (bad images, missing checkpoints, wrong values) print one
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .errors import ConfigError, ImageLoadError, UAEError
+from .errors import CheckpointError, ConfigError, ImageLoadError, UAEError
 
 __all__ = ["main", "build_parser"]
 
 EXIT_USER_ERROR = 2
+_VAE_FACTOR = 8  # SD3's VAE downsamples by 8; every SD3/SD3.5 checkpoint shares it
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,14 +91,28 @@ def _generate_kwargs(args) -> dict:
     return {"steps": args.steps, "guidance": args.guidance, "size": args.size}
 
 
+def _check_common(args) -> None:
+    """Validate numeric options and the preset before any output folder is made or model loaded."""
+    from .api import PRESETS
+
+    for option in ("batch_size", "num_generations", "steps"):
+        value = getattr(args, option, None)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{option.replace('_', '-')} must be >= 1, got {value}")
+    size = getattr(args, "size", None)
+    if size is not None and (size <= 0 or size % _VAE_FACTOR):
+        raise ConfigError(f"--size must be a positive multiple of {_VAE_FACTOR} (the VAE factor), got {size}")
+    if args.preset not in PRESETS and not Path(args.preset).is_dir():
+        raise CheckpointError(f"--preset {args.preset}: not a preset ({', '.join(PRESETS)}) or a checkpoint folder")
+
+
 def _image_paths(args) -> list[Path]:
-    """Expand folders; check existence before any model is loaded, so typos fail fast."""
-    from .data.images import list_image_files
+    """Expand folders and, unless --skip-bad, decode every image once up front: a bad file then fails the run
+    before anything is written, instead of leaving half of the outputs behind."""
+    from .data.images import list_image_files, load_image
 
     if not args.images and not args.demo:
         raise ConfigError("give IMAGE paths or --demo")
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     paths: list[Path] = []
     for p in args.images:
         if p.is_dir():
@@ -105,24 +121,37 @@ def _image_paths(args) -> list[Path]:
             paths.append(p)
         else:
             raise ImageLoadError(f"{p}: no such file")
+    if not args.skip_bad:
+        for p in paths:
+            load_image(p)
     return paths
 
 
 def _image_batches(args, paths: list[Path], skipped: list) -> Iterator[list]:
-    """Yield batches of LoadedImage (demo images first), recording skips when --skip-bad."""
+    """Yield batches of LoadedImage (demo images first) with names unique across the whole run."""
     from .data.demo import demo_images
     from .data.images import load_images
 
-    batch = list(demo_images()) if args.demo else []
+    used: set[str] = set()
+    batch = [_unique(item, used) for item in demo_images()] if args.demo else []
     for start in range(0, len(paths), args.batch_size):
         loaded, bad = load_images(paths[start : start + args.batch_size], skip_bad=args.skip_bad)
         skipped += bad
-        batch += loaded
+        batch += [_unique(item, used) for item in loaded]
         while len(batch) >= args.batch_size:
             yield batch[: args.batch_size]
             batch = batch[args.batch_size :]
     if batch:
         yield batch
+
+
+def _unique(item, used: set[str]):
+    """Rename `item` to `name-2`, `name-3`, ... if an earlier image of this run already took its name."""
+    name, k = item.name, 2
+    while name in used:
+        name, k = f"{item.name}-{k}", k + 1
+    used.add(name)
+    return item if name == item.name else dataclasses.replace(item, name=name)
 
 
 def _load_model(args):
@@ -152,6 +181,11 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def _one_line(text: str) -> str:
+    """Escape newlines and tabs (JSON-style) so stdout stays one `name<TAB>caption` line per caption."""
+    return json.dumps(text, ensure_ascii=False)[1:-1]
+
+
 def _report_skipped(out: Path | None, skipped: list) -> None:
     if not skipped:
         return
@@ -162,6 +196,11 @@ def _report_skipped(out: Path | None, skipped: list) -> None:
 
         write_text_atomic(out / "skipped.json", json.dumps([vars(s) for s in skipped], indent=2) + "\n")
     print(f"uae-fast: skipped {len(skipped)} unreadable image(s)", file=sys.stderr)
+
+
+def _require_some(rows: list, skipped: list) -> None:
+    if not rows:
+        raise ImageLoadError(f"no readable images: all {len(skipped)} input(s) were skipped")
 
 
 def _total(args, paths: list[Path]) -> int:
@@ -183,32 +222,43 @@ def cmd_caption(args) -> None:
             for i, item in enumerate(batch):
                 for k in range(g):
                     rows.append({"name": item.name, "source": item.path, "generation": k, "caption": caps[i * g + k]})
-                    bar.write(f"{item.name}\t{caps[i * g + k]}", file=sys.stdout)
+                    bar.write(f"{item.name}\t{_one_line(caps[i * g + k])}", file=sys.stdout)
             bar.update(len(batch))
+    _report_skipped(out, skipped)
+    _require_some(rows, skipped)
     if out is not None:
         _write_jsonl(out / "captions.jsonl", rows)
-    _report_skipped(out, skipped)
 
 
 def _read_captions(args) -> list[str]:
     captions = list(args.captions)
+    where = [f"caption {i + 1}" for i in range(len(captions))]
     if args.captions_file is not None:
         path = args.captions_file
         if not path.is_file():
             raise ConfigError(f"--captions-file {path}: no such file")
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if path.suffix == ".jsonl" and line.strip():
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"--captions-file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        for n, line in enumerate(lines, 1):
+            if path.suffix == ".jsonl":
+                if not line.strip():
+                    continue
                 try:
-                    captions.append(json.loads(line)["caption"])
+                    caption = json.loads(line)["caption"]
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ConfigError(f"{path}:{n}: expected a JSON object with a 'caption' field") from None
-            elif path.suffix != ".jsonl":
-                captions.append(line)
+                    caption = None
+                if not isinstance(caption, str):
+                    raise ConfigError(f"{path}:{n}: expected a JSON object with a string 'caption' field")
+                line = caption
+            captions.append(line)
+            where.append(f"{path}:{n}")
     if not captions:
         raise ConfigError("no captions: give CAPTION arguments or --captions-file")
-    for i, c in enumerate(captions):
-        if not c.strip():
-            raise ConfigError(f"caption {i + 1} is empty: the decoder needs text to condition on")
+    for caption, place in zip(captions, where):
+        if not caption.strip():
+            raise ConfigError(f"{place}: empty caption; the decoder needs text to condition on")
     return captions
 
 
@@ -252,8 +302,9 @@ def cmd_reconstruct(args) -> None:
                         {"name": item.name, "source": item.path, "image": name, "caption": result.captions[i * g + k]}
                     )
             bar.update(len(batch))
-    _write_jsonl(out / "captions.jsonl", rows)
     _report_skipped(out, skipped)
+    _require_some(rows, skipped)
+    _write_jsonl(out / "captions.jsonl", rows)
     print(f"wrote {len(rows)} reconstruction(s) and captions.jsonl to {out}", file=sys.stderr)
 
 
@@ -263,6 +314,7 @@ COMMANDS = {"caption": cmd_caption, "generate": cmd_generate, "reconstruct": cmd
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_common(args)
         COMMANDS[args.command](args)
     except UAEError as e:
         print(f"uae-fast: error: {e}", file=sys.stderr)
