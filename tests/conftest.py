@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# Triton kernels run on CPU tensors only through the interpreter, which must be chosen before any @triton.jit
+# function is defined, i.e. before uae_fast.kernels is imported by a test module.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,0 +1,281 @@
+"""Chosen-token log-probabilities (and entropy) of `softmax(h @ W.T / T)` without materialising [N, V] logits.
+
+The LM head of Qwen2.5-VL has V = 151,936 entries: full fp32 logits for 2,048 completion tokens are 1.2 GB, and
+TRL's path holds several such tensors. Here tokens are processed in chunks and, within a chunk, the vocabulary in
+blocks with an online (running-max) softmax, like flash attention does over keys. Per block the work is two GEMMs
+— `z = h W_bᵀ` and `e W_b` with `e = exp(z - max)` — which are exactly the GEMMs the gradient needs anyway:
+
+    d logp_t / d h_t = (W[y_t] - E_{p_t}[W]) / T,     E_p[W] = Σ_b e_b W_b / Σ_b Σ e_b     (running rescale)
+
+so the backward of a frozen head is a gather and a subtraction — no recompute, no third GEMM. With one block per
+chunk (the default, `vocab_block=None`) this is the fastest layout; smaller blocks trade a little speed for memory
+(`chunk_size × vocab_block` floats instead of `chunk_size × V`). When W itself needs a gradient the backward
+recomputes the logits once (a second pass is unavoidable without knowing the loss gradient in the forward; the
+fused GRPO loss in `grpo_loss.py` has a single-pass path for that case).
+
+Layout: Triton kernel → launcher → torch equivalent (CPU path and test oracle) → autograd.Function → public function.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:  # Triton is optional: the torch path below is complete on its own.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+
+__all__ = ["linear_logprobs", "linear_logprobs_ref", "online_softmax_block", "FORCE_TRITON"]
+
+# Tests set this to run the Triton kernels on CPU tensors under TRITON_INTERPRET=1.
+FORCE_TRITON = os.environ.get("UAE_FAST_FORCE_TRITON") == "1"
+DEFAULT_CHUNK = 256
+
+if triton is not None:
+
+    @triton.jit
+    def _online_softmax_block_kernel(
+        z_ptr,  # [c, n] logits block (scaled), overwritten with exp(z - m_new)
+        y_ptr,  # [c] target ids (absolute)
+        m_ptr,  # [c] running max (in/out)
+        s_ptr,  # [c] running Σ exp(z - m) (in/out)
+        t_ptr,  # [c] running Σ exp(z - m) (z - m) (in/out), for the entropy
+        chosen_ptr,  # [c] target logit (written when the target falls in this block)
+        alpha_ptr,  # [c] out: exp(m_old - m_new), to rescale other running sums
+        n,
+        stride_z,
+        block_start,
+        FIRST: tl.constexpr,
+        ENTROPY: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        z_row = z_ptr + row * stride_z
+        y = tl.load(y_ptr + row)
+        # pass 1: block max and the target logit
+        bmax = -float("inf")
+        for off in range(0, n, BLOCK):
+            cols = off + tl.arange(0, BLOCK)
+            z = tl.load(z_row + cols, mask=cols < n, other=-float("inf"))
+            bmax = tl.maximum(bmax, tl.max(z, axis=0))
+            hit = cols == (y - block_start)
+            tl.store(chosen_ptr + row + cols * 0, z, mask=hit & (cols < n))
+        if FIRST:
+            m_old = bmax
+            s_old = 0.0
+            t_old = 0.0
+        else:
+            m_old = tl.load(m_ptr + row)
+            s_old = tl.load(s_ptr + row)
+            t_old = tl.load(t_ptr + row)
+        m_new = tl.maximum(m_old, bmax)
+        alpha = tl.exp(m_old - m_new)
+        # pass 2: exponentiate in place and accumulate the sums relative to m_new
+        s_blk = 0.0
+        t_blk = 0.0
+        for off in range(0, n, BLOCK):
+            cols = off + tl.arange(0, BLOCK)
+            valid = cols < n
+            d = tl.where(valid, tl.load(z_row + cols, mask=valid, other=0.0) - m_new, 0.0)
+            e = tl.where(valid, tl.exp(d), 0.0)
+            tl.store(z_row + cols, e, mask=valid)
+            s_blk += tl.sum(e, axis=0)
+            if ENTROPY:
+                t_blk += tl.sum(tl.where(valid, e * d, 0.0), axis=0)
+        tl.store(m_ptr + row, m_new)
+        tl.store(s_ptr + row, alpha * s_old + s_blk)
+        if ENTROPY:
+            tl.store(t_ptr + row, alpha * (t_old + (m_old - m_new) * s_old) + t_blk)
+        tl.store(alpha_ptr + row, alpha)
+
+
+def _online_block_triton(z, y, state, block_start: int, first: bool, entropy: bool) -> torch.Tensor:
+    m, s, t, chosen = state
+    alpha = torch.empty_like(m)
+    block = min(triton.next_power_of_2(z.shape[1]), 4096)
+    _online_softmax_block_kernel[(z.shape[0],)](
+        z, y, m, s, t, chosen, alpha, z.shape[1], z.stride(0), block_start,
+        FIRST=first, ENTROPY=entropy, BLOCK=block,
+    )  # fmt: skip
+    return alpha
+
+
+def _online_block_torch(z, y, state, block_start: int, first: bool, entropy: bool) -> torch.Tensor:
+    """Same contract as the Triton kernel: update (m, s, t, chosen) in place, z becomes exp(z - m_new)."""
+    m, s, t, chosen = state
+    n = z.shape[1]
+    local = y - block_start
+    hit = (local >= 0) & (local < n)
+    if bool(hit.any()):
+        rows = hit.nonzero().squeeze(1)
+        chosen[rows] = z[rows, local[rows]]
+    bmax = z.max(dim=1).values
+    m_old = bmax if first else m.clone()
+    m_new = torch.maximum(m_old, bmax)
+    alpha = torch.exp(m_old - m_new)
+    z.sub_(m_new[:, None]).exp_()
+    s_blk = z.sum(1)
+    if entropy:
+        t_blk = torch.xlogy(z, z).sum(1)  # Σ e·log e = Σ e·(z - m_new); xlogy keeps 0·log 0 = 0
+    if first:
+        s.copy_(s_blk)
+        if entropy:
+            t.copy_(t_blk)
+    else:
+        if entropy:
+            t.copy_(alpha * (t + (m_old - m_new) * s) + t_blk)
+        s.mul_(alpha).add_(s_blk)
+    m.copy_(m_new)
+    return alpha
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return triton is not None and (x.is_cuda or FORCE_TRITON)
+
+
+def online_softmax_block(z, y, state, block_start: int, first: bool, entropy: bool) -> torch.Tensor:
+    """Fold one logits block z [c, n] (fp32, contiguous) into the running softmax state, in place.
+
+    state = (max [c], Σ exp(z - max) [c], Σ exp(z - max)(z - max) [c], target logit [c]); z becomes
+    exp(z - new max). Returns alpha [c] = exp(old max - new max), the factor for any other running sum.
+    """
+    update = _online_block_triton if _use_triton(z) else _online_block_torch
+    return update(z, y, state, block_start, first, entropy)
+
+
+def _chunk_forward(h, weight, y, inv_temp, vocab_block, want_pw, entropy):
+    """One token chunk: logp [c], entropy [c] or None, lse [c], E_p[W] [c, H] or None (all fp32)."""
+    c, vocab = h.shape[0], weight.shape[0]
+    block = vocab if vocab_block is None else min(vocab_block, vocab)
+    hs = (h.float() * inv_temp).to(weight.dtype)
+    m = torch.empty(c, device=h.device, dtype=torch.float32)
+    s, t, chosen = torch.zeros_like(m), torch.zeros_like(m), torch.zeros_like(m)
+    pw = torch.zeros(c, weight.shape[1], device=h.device, dtype=torch.float32) if want_pw else None
+    for start in range(0, vocab, block):
+        w_b = weight[start : start + block]
+        z = (hs @ w_b.t()).float()  # fp32 logits block; the GEMM itself runs in the weight's dtype
+        alpha = online_softmax_block(z, y, (m, s, t, chosen), start, start == 0, entropy)
+        if want_pw:
+            if start:
+                pw.mul_(alpha[:, None])
+            if weight.dtype == torch.float32:
+                pw.addmm_(z, w_b)
+            else:
+                pw.add_((z.to(weight.dtype) @ w_b).float())
+    log_s = torch.log(s)
+    lse = m + log_s
+    logp = chosen - lse
+    ent = (log_s - t / s) if entropy else None
+    if want_pw:
+        pw.div_(s[:, None])
+    return logp, ent, lse, pw
+
+
+class _LinearLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, y, temperature, chunk, vocab_block, entropy, want_pw):
+        n = h.shape[0]
+        inv_temp = 1.0 / temperature
+        logp = torch.empty(n, device=h.device, dtype=torch.float32)
+        ent = torch.empty_like(logp) if entropy else None
+        lse = torch.empty_like(logp)
+        pw = torch.empty(n, h.shape[1], device=h.device, dtype=torch.float32) if want_pw else None
+        for a in range(0, n, chunk):
+            b = min(a + chunk, n)
+            lp, en, ls, p = _chunk_forward(h[a:b], weight, y[a:b], inv_temp, vocab_block, want_pw, entropy)
+            logp[a:b], lse[a:b] = lp, ls
+            if entropy:
+                ent[a:b] = en
+            if want_pw:
+                pw[a:b] = p
+        ctx.save_for_backward(h, weight, y, lse, pw)
+        ctx.cfg = (inv_temp, chunk, vocab_block)
+        if ent is not None:
+            ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        h, weight, y, lse, pw = ctx.saved_tensors
+        inv_temp, chunk, vocab_block = ctx.cfg
+        g = grad_logp.float()
+        grad_h = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_h = ((weight[y].float() - pw) * (g * inv_temp)[:, None]).to(h.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = _weight_grad(h, weight, y, lse, g, inv_temp, chunk, vocab_block)
+        return grad_h, grad_w, None, None, None, None, None, None
+
+
+def _weight_grad(h, weight, y, lse, g, inv_temp, chunk, vocab_block):
+    """Σ_t g_t (onehot(y_t) - p_t) ⊗ h_t / T, recomputing the logits chunk by chunk (second pass)."""
+    vocab = weight.shape[0]
+    block = vocab if vocab_block is None else min(vocab_block, vocab)
+    grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+    for a in range(0, h.shape[0], chunk):
+        hs = h[a : a + chunk].float() * inv_temp
+        ga, ya, la = g[a : a + chunk], y[a : a + chunk], lse[a : a + chunk]
+        for start in range(0, vocab, block):
+            w_b = weight[start : start + block]
+            z = hs @ w_b.float().t()
+            z.sub_(la[:, None]).exp_().mul_(-ga[:, None])  # -g p
+            local = ya - start
+            hit = ((local >= 0) & (local < z.shape[1])).nonzero().squeeze(1)
+            z[hit, local[hit]] += ga[hit]
+            grad_w[start : start + block].addmm_(z.t(), hs)
+    return grad_w.to(weight.dtype)
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK,
+    vocab_block: int | None = None,
+    entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probabilities of `targets` under `softmax(hidden @ weight.T / temperature)`, chunked.
+
+    Args:
+        hidden: [N, H] final hidden states (any float dtype).
+        weight: [V, H] LM head. Its gradient is computed only if it requires grad.
+        targets: [N] token ids.
+        temperature: divides the logits (sampling temperature).
+        chunk_size: tokens per chunk; peak extra memory is about chunk_size × (vocab_block or V) floats.
+        vocab_block: vocabulary entries per block (None = whole vocabulary, fastest).
+        entropy: also return the per-token entropy (no gradient flows through it).
+
+    Returns:
+        (logp [N] fp32, entropy [N] fp32 or None). Differentiable w.r.t. hidden (and weight).
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"need hidden [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets must be [N] = [{hidden.shape[0]}], got {tuple(targets.shape)}")
+    if not temperature > 0 or math.isinf(temperature):
+        raise ValueError(f"temperature must be positive and finite, got {temperature}")
+    if chunk_size < 1 or (vocab_block is not None and vocab_block < 1):
+        raise ValueError("chunk_size and vocab_block must be >= 1")
+    if hidden.shape[0] == 0:
+        empty = hidden.new_zeros(0, dtype=torch.float32) + hidden.sum() * 0  # keeps the graph connected
+        return empty, (empty.detach() if entropy else None)
+    targets = targets.long().contiguous()
+    # E_p[W] is only needed for the input gradient: the no-grad (old / reference policy) passes skip its GEMM.
+    want_pw = torch.is_grad_enabled() and hidden.requires_grad
+    return _LinearLogProbs.apply(hidden, weight, targets, float(temperature), chunk_size, vocab_block, entropy, want_pw)
+
+
+def linear_logprobs_ref(hidden, weight, targets, *, temperature: float = 1.0, entropy: bool = False):
+    """Reference that materialises the full [N, V] logits (the test oracle): fp32, or fp64 for fp64 inputs."""
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logits = hidden.to(dtype) @ weight.to(dtype).t() / temperature
+    logsm = torch.log_softmax(logits, dim=-1)
+    logp = logsm.gather(1, targets.long()[:, None]).squeeze(1)
+    ent = -(logsm.exp() * logsm).sum(-1).detach() if entropy else None
+    return logp, ent

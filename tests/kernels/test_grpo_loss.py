@@ -1,0 +1,205 @@
+"""The fused GRPO loss against the full-logits reference, TRL's own GRPOTrainer loss code, and Liger-Kernel."""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from uae_fast.kernels.grpo_loss import fused_linear_grpo_loss, grpo_loss_ref
+
+LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
+MAX_LEN = 9
+
+
+def _batch(seed=0, s=5, t=MAX_LEN, h=16, v=503, temperature=0.9, fully_masked_row=True):
+    """Padded [S, T] completions (ragged lengths, one fully masked sequence) with old/ref log-probs near the
+    current policy, so that some ratios clip on each side."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(s, t, h, generator=g)
+    weight = torch.randn(v, h, generator=g) * 0.3
+    ids = torch.randint(0, v, (s, t), generator=g)
+    lengths = torch.randint(1, t + 1, (s,), generator=g)
+    if fully_masked_row:
+        lengths[1] = 0
+    mask = (torch.arange(t)[None] < lengths[:, None]).float()
+    with torch.no_grad():
+        logp = torch.log_softmax(hidden @ weight.t() / temperature, -1).gather(2, ids[..., None]).squeeze(-1)
+    old = logp + 0.3 * torch.randn(s, t, generator=g)
+    ref = logp + 0.5 * torch.randn(s, t, generator=g)
+    adv = torch.randn(s, generator=g)
+    return SimpleNamespace(hidden=hidden, weight=weight, ids=ids, mask=mask, old=old, ref=ref, adv=adv, T=temperature)
+
+
+def _packed(b):
+    keep = b.mask.bool()
+    seq_index = torch.arange(b.ids.shape[0])[:, None].expand_as(b.ids)[keep]
+    return b.hidden[keep], b.ids[keep], seq_index, b.old[keep], b.ref[keep]
+
+
+CASES = list(itertools.product(LOSS_TYPES, ["token", "sequence"], [False, True], [False, True], [0.0, 0.04]))
+
+
+@pytest.mark.parametrize("loss_type, level, off_policy, train_head, beta", CASES)
+def test_matches_full_logits_reference(loss_type, level, off_policy, train_head, beta):
+    b = _batch()
+    h, y, si, old, ref = _packed(b)
+    kw = dict(
+        num_sequences=5, beta=beta, loss_type=loss_type, importance_sampling_level=level, temperature=b.T,
+        max_completion_length=MAX_LEN, epsilon_low=0.2, epsilon_high=0.28, old_logp=old if off_policy else None,
+        ref_logp=ref if beta else None,
+    )  # fmt: skip
+    outs = []
+    for fn, extra in ((fused_linear_grpo_loss, {"chunk_size": 4}), (grpo_loss_ref, {})):
+        hh, ww = h.clone().requires_grad_(True), b.weight.clone().requires_grad_(train_head)
+        loss = fn(hh, ww, y, si, b.adv, **kw, **extra)[0]
+        outs.append([loss, *torch.autograd.grad(loss, [hh, ww] if train_head else [hh])])
+    for ours, ref_ in zip(*outs):
+        torch.testing.assert_close(ours, ref_, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- TRL's GRPOTrainer._compute_loss as the oracle
+class _TRLStub:
+    """The attributes GRPOTrainer._compute_loss reads, with per-token log-probs from full logits (TRL's helpers)."""
+
+    def __init__(self, b, loss_type, level, beta):
+        from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+        self.beta, self.loss_type, self.importance_sampling_level = beta, loss_type, level
+        self.epsilon_low, self.epsilon_high = 0.2, 0.28
+        self.top_entropy_quantile, self.off_policy_mask_threshold = 1.0, None
+        self.use_vllm, self.aux_loss_enabled, self._entropy_bonus_enabled = False, False, False
+        self.current_gradient_accumulation_steps, self.max_completion_length = 1, MAX_LEN
+        self.args = SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1)
+        self.model = SimpleNamespace(training=True)
+        ident = lambda x, **kw: x  # noqa: E731
+        self.accelerator = SimpleNamespace(num_processes=1, gather=ident, reduce=ident, gather_for_metrics=ident)
+        self._metrics = defaultdict(lambda: defaultdict(list))
+        self._b, self._sls, self._ent = b, selective_log_softmax, entropy_from_logits
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, **kw):
+        logits = self._b.hidden_param @ self._b.weight.t() / self._b.T
+        return self._sls(logits, self._b.ids), self._ent(logits).detach(), None
+
+
+@pytest.mark.parametrize("loss_type, level", list(itertools.product(LOSS_TYPES, ["token", "sequence"])))
+@pytest.mark.parametrize("off_policy", [False, True])
+def test_matches_trl_grpo_trainer_loss(loss_type, level, off_policy):
+    from trl import GRPOTrainer
+
+    b = _batch(seed=1)
+    beta = 0.04
+    b.hidden_param = b.hidden.clone().requires_grad_(True)
+    stub = _TRLStub(b, loss_type, level, beta)
+    inputs = {
+        "prompt_ids": torch.zeros(5, 1, dtype=torch.long),
+        "prompt_mask": torch.ones(5, 1),
+        "completion_ids": b.ids,
+        "completion_mask": b.mask,
+        "advantages": b.adv,
+        "ref_per_token_logps": b.ref,
+        "num_items_in_batch": b.mask.sum(),
+    }
+    if off_policy:
+        inputs["old_per_token_logps"] = b.old
+    trl_loss = GRPOTrainer._compute_loss(stub, None, inputs)
+    (trl_grad,) = torch.autograd.grad(trl_loss, b.hidden_param)
+
+    h, y, si, old, ref = _packed(b)
+    h.requires_grad_(True)
+    loss, _, metrics = fused_linear_grpo_loss(
+        h, b.weight, y, si, b.adv, num_sequences=5, beta=beta, loss_type=loss_type, importance_sampling_level=level,
+        temperature=b.T, max_completion_length=MAX_LEN, epsilon_low=0.2, epsilon_high=0.28,
+        old_logp=old if off_policy else None, ref_logp=ref, chunk_size=3,
+    )  # fmt: skip
+    (grad,) = torch.autograd.grad(loss, h)
+    torch.testing.assert_close(loss, trl_loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grad, trl_grad[b.mask.bool()], atol=1e-6, rtol=1e-5)
+    logged = stub._metrics["train"]
+    for name in ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+        assert metrics[name].item() == pytest.approx(logged[name][-1], abs=1e-5), name
+    if off_policy and level == "token":
+        assert logged["clip_ratio/region_mean"][-1] > 0  # the test exercises clipping
+
+
+# ---------------------------------------------------------------- Liger-Kernel as a second peer
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_matches_liger_fused_linear_grpo(loss_type, level):
+    liger = pytest.importorskip("liger_kernel.chunked_loss")
+    b = _batch(seed=2)
+    beta = 0.04
+    module = liger.LigerFusedLinearGRPOLoss(
+        beta=beta, compiled=False, epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type, temperature=b.T,
+        max_completion_length=MAX_LEN, importance_sampling_level=level, chunk_size=2,
+    )  # fmt: skip
+    hl = b.hidden.clone().requires_grad_(True)
+    wl = b.weight.clone().requires_grad_(True)
+    out = module(hl, wl, b.ids, b.mask, b.adv, ref_per_token_logps=b.ref, old_per_token_logps=b.old)
+    liger_loss = out[0] if isinstance(out, tuple) else out
+    liger_grads = torch.autograd.grad(liger_loss, [hl, wl])
+
+    h, y, si, old, ref = _packed(b)
+    h.requires_grad_(True)
+    w = b.weight.clone().requires_grad_(True)
+    loss, _, _ = fused_linear_grpo_loss(
+        h, w, y, si, b.adv, num_sequences=5, beta=beta, loss_type=loss_type, importance_sampling_level=level,
+        temperature=b.T, max_completion_length=MAX_LEN, epsilon_low=0.2, epsilon_high=0.28, old_logp=old,
+        ref_logp=ref, chunk_size=4,
+    )  # fmt: skip
+    grads = torch.autograd.grad(loss, [h, w])
+    torch.testing.assert_close(loss, liger_loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grads[0], liger_grads[0][b.mask.bool()], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grads[1], liger_grads[1], atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- odd shapes and inputs
+def test_single_token_group_of_one_and_fully_masked_sequence():
+    b = _batch(seed=3, s=1, t=1, fully_masked_row=False)
+    h, y, si, _, _ = _packed(b)
+    h.requires_grad_(True)
+    loss, logp, metrics = fused_linear_grpo_loss(h, b.weight, y, si, torch.zeros(1), num_sequences=1)
+    assert loss.item() == 0.0 and torch.isfinite(logp).all()
+    loss.backward()
+    assert torch.equal(h.grad, torch.zeros_like(h.grad))  # zero advantage: no signal, no NaN
+    # every token masked: zero loss, zero gradient, no NaN
+    h2 = torch.randn(4, 16, requires_grad=True)
+    loss, _, metrics = fused_linear_grpo_loss(
+        h2, b.weight, torch.zeros(4, dtype=torch.long), torch.tensor([0, 0, 1, 1]), torch.ones(2),
+        mask=torch.zeros(4), loss_type="grpo",
+    )  # fmt: skip
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(h2.grad, torch.zeros_like(h2))
+    assert all(torch.isfinite(v) for v in metrics.values())
+
+
+def test_vocab_blocks_and_bf16_head():
+    b = _batch(seed=4, v=1000)
+    h, y, si, old, ref = _packed(b)
+    kw = dict(num_sequences=5, beta=0.04, old_logp=old, ref_logp=ref, temperature=b.T, loss_type="bnpo")
+    exact = grpo_loss_ref(h, b.weight, y, si, b.adv, **kw)[0]
+    blocked = fused_linear_grpo_loss(h, b.weight, y, si, b.adv, vocab_block=97, chunk_size=5, **kw)[0]
+    torch.testing.assert_close(blocked, exact, atol=1e-6, rtol=1e-5)
+    low = fused_linear_grpo_loss(h.bfloat16(), b.weight.bfloat16(), y, si, b.adv, chunk_size=5, **kw)[0]
+    same_dtype = grpo_loss_ref(h.bfloat16().float(), b.weight.bfloat16().float(), y, si, b.adv, **kw)[0]
+    assert (low - exact).abs() <= 2 * (same_dtype - exact).abs() + 1e-3
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(loss_type="ppo"), "loss_type"),
+        (dict(importance_sampling_level="seq"), "importance_sampling_level"),
+        (dict(beta=0.1), "ref_logp"),
+        (dict(loss_type="dr_grpo"), "max_completion_length"),
+        (dict(num_sequences=1), "advantages"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, message):
+    b = _batch(seed=5)
+    h, y, si, _, _ = _packed(b)
+    with pytest.raises(ValueError, match=message):
+        fused_linear_grpo_loss(h, b.weight, y, si, b.adv, **kwargs)

@@ -1,0 +1,148 @@
+"""Chunked linear log-probs against the fp32 full-logits reference (values, entropy, both gradients)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from uae_fast.kernels import linear_logprobs as mod
+from uae_fast.kernels.linear_logprobs import linear_logprobs, linear_logprobs_ref
+
+QWEN_VOCAB = 151_936
+
+
+def _inputs(n, h, v, seed=0, scale=0.5):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(n, h, generator=g),
+        torch.randn(v, h, generator=g) * scale,
+        torch.randint(0, v, (n,), generator=g),
+    )
+
+
+@pytest.mark.parametrize(
+    "n, h, v, chunk, block",
+    [
+        (1, 8, 7, 4, None),  # a single token
+        (37, 24, 1001, 10, None),  # N not a multiple of the chunk, V odd
+        (37, 24, 1001, 10, 128),  # vocabulary in blocks, last block partial
+        (16, 16, 300, 16, 1),  # degenerate one-entry blocks
+        (5, 32, QWEN_VOCAB, 3, None),  # the real vocabulary
+        (5, 32, QWEN_VOCAB, 4, 32768),
+    ],
+)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_matches_reference_values_entropy_and_gradients(n, h, v, chunk, block, temperature):
+    """Error against an fp64 oracle within twice the fp32 reference's own error (+ a small atol)."""
+    hidden, weight, y = _inputs(n, h, v)
+    g = torch.randn(n, generator=torch.Generator().manual_seed(1))
+
+    def run(fn, dtype, **kw):
+        hd, wd = hidden.to(dtype).requires_grad_(True), weight.to(dtype).requires_grad_(True)
+        lp, ent = fn(hd, wd, y, temperature=temperature, entropy=True, **kw)
+        grads = torch.autograd.grad((lp * g.to(lp.dtype)).sum(), [hd, wd])
+        return [lp.double(), ent.double(), *(x.double() for x in grads)]
+
+    exact = run(linear_logprobs_ref, torch.float64)
+    fp32_ref = run(linear_logprobs_ref, torch.float32)
+    ours = run(linear_logprobs, torch.float32, chunk_size=chunk, vocab_block=block)
+    for name, o, r, e in zip(("logp", "entropy", "grad_hidden", "grad_weight"), ours, fp32_ref, exact):
+        err, ref_err = (o - e).abs().max().item(), (r - e).abs().max().item()
+        assert err <= 2 * ref_err + 1e-5, (name, err, ref_err)
+
+
+def test_frozen_head_gets_no_gradient_and_no_recompute(monkeypatch):
+    hidden, weight, y = _inputs(9, 8, 50)
+    hidden.requires_grad_(True)
+    calls = []
+    monkeypatch.setattr(mod, "_weight_grad", lambda *a: calls.append(1))
+    lp, _ = linear_logprobs(hidden, weight, y, chunk_size=4)
+    lp.sum().backward()
+    assert hidden.grad is not None and weight.grad is None and not calls
+
+
+def test_no_grad_pass_skips_the_expectation_gemm(monkeypatch):
+    hidden, weight, y = _inputs(9, 8, 50)
+    hidden.requires_grad_(True)
+    seen = []
+    real = mod._chunk_forward
+    monkeypatch.setattr(mod, "_chunk_forward", lambda *a: seen.append(a[4]) or real(*a))
+    with torch.no_grad():
+        lp, _ = linear_logprobs(hidden, weight, y, chunk_size=4)
+    assert seen and not any(seen)
+    torch.testing.assert_close(lp, linear_logprobs_ref(hidden, weight, y)[0], atol=2e-5, rtol=0)
+
+
+def test_bf16_error_is_within_twice_the_bf16_reference_error():
+    hidden, weight, y = _inputs(64, 64, 5003, scale=0.3)
+    exact, _ = linear_logprobs_ref(hidden, weight, y)
+    ours, _ = linear_logprobs(hidden.bfloat16(), weight.bfloat16(), y, chunk_size=16)
+    logits = (hidden.bfloat16() @ weight.bfloat16().t()).float()  # the same-dtype reference: bf16 GEMM, fp32 softmax
+    same_dtype = torch.log_softmax(logits, -1).gather(1, y[:, None]).squeeze(1)
+    err, ref_err = (ours - exact).abs().max(), (same_dtype - exact).abs().max()
+    assert err <= 2 * ref_err + 1e-4, (err, ref_err)
+
+
+def test_extreme_logits_stay_finite():
+    hidden, weight, y = _inputs(6, 4, 97)
+    lp, ent = linear_logprobs(hidden * 300, weight, y, chunk_size=4, vocab_block=10, entropy=True)
+    lr, er = linear_logprobs_ref(hidden * 300, weight, y, entropy=True)
+    assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
+    torch.testing.assert_close(lp, lr, atol=1e-3, rtol=1e-5)
+
+
+def test_empty_input_and_bad_arguments():
+    hidden, weight, y = _inputs(0, 4, 10)
+    lp, _ = linear_logprobs(hidden, weight, y)
+    assert lp.shape == (0,)
+    h, w, y = _inputs(3, 4, 10)
+    with pytest.raises(ValueError, match="temperature"):
+        linear_logprobs(h, w, y, temperature=0)
+    with pytest.raises(ValueError, match="weight"):
+        linear_logprobs(h, w[:, :3], y)
+    with pytest.raises(ValueError, match="targets"):
+        linear_logprobs(h, w, y[:2])
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("block", [None, 48])
+def test_triton_kernel_matches_reference(monkeypatch, block):
+    pytest.importorskip("triton")
+    import os
+
+    assert os.environ.get("TRITON_INTERPRET") == "1", "conftest must set TRITON_INTERPRET before kernels import"
+    monkeypatch.setattr(mod, "FORCE_TRITON", True)
+    hidden, weight, y = _inputs(7, 16, 301)
+    hidden.requires_grad_(True)
+    lp, ent = linear_logprobs(hidden, weight, y, temperature=0.8, chunk_size=4, vocab_block=block, entropy=True)
+    lr, er = linear_logprobs_ref(hidden, weight, y, temperature=0.8, entropy=True)
+    torch.testing.assert_close(lp, lr, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ent, er, atol=2e-5, rtol=1e-5)
+    g = torch.randn(7)
+    torch.testing.assert_close(
+        torch.autograd.grad((lp * g).sum(), hidden)[0],
+        torch.autograd.grad((lr * g).sum(), hidden)[0],
+        atol=2e-5,
+        rtol=1e-4,
+    )
+
+
+@pytest.mark.triton
+def test_triton_block_update_equals_torch_update():
+    """The kernel and its torch twin fold the same blocks into the same state."""
+    pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(3)
+    c, n = 5, 70
+    y = torch.tensor([3, 69, 100, 0, 140])
+    states = []
+    for impl in (mod._online_block_triton, mod._online_block_torch):
+        state = tuple(torch.zeros(c) for _ in range(4))
+        outs = []
+        for start, first in ((0, True), (70, False)):
+            z = torch.randn(c, n, generator=torch.Generator().manual_seed(start)) * 3
+            alpha = impl(z, y, state, start, first, True)
+            outs += [z, alpha]
+        states.append([*state, *outs])
+    for a, b in zip(*states):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    del g

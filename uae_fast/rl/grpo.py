@@ -1,0 +1,195 @@
+"""GRPO for the captioner: group advantages, the loss configuration, and the loss over packed completions.
+
+The heavy lifting (log-probs and loss fused with the LM head, never materialising [tokens, vocab] logits) is in
+`uae_fast.kernels.grpo_loss`; this module holds what a trainer calls. Field names and semantics follow TRL's
+`GRPOConfig` where the concept is the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ConfigError
+from ..kernels.grpo_loss import IS_LEVELS, LOSS_TYPES, fused_linear_grpo_loss
+from ..kernels.linear_logprobs import linear_logprobs
+
+__all__ = [
+    "SCALE_REWARDS",
+    "GRPOLossConfig",
+    "GroupAdvantages",
+    "PackedCompletions",
+    "group_advantages",
+    "grpo_loss",
+    "completion_logprobs",
+]
+
+SCALE_REWARDS = ("group", "batch", "none")
+ADVANTAGE_EPS = 1e-4  # TRL's: an all-equal group gets (r - mean) / eps = 0 exactly, never 0 / 0
+
+
+@dataclass
+class GRPOLossConfig:
+    """Loss settings of the GRPO update (TRL names)."""
+
+    beta: float = field(default=0.0, metadata={"help": "KL coefficient (k3 estimator); 0 skips the reference pass"})
+    epsilon: float = field(default=0.2, metadata={"help": "lower clipping bound: ratio >= 1 - epsilon"})
+    epsilon_high: float | None = field(
+        default=None, metadata={"help": "upper bound 1 + epsilon_high (default epsilon)"}
+    )
+    loss_type: str = field(default="dapo", metadata={"help": f"normalisation, one of {LOSS_TYPES}"})
+    importance_sampling_level: str = field(default="token", metadata={"help": f"one of {IS_LEVELS}"})
+    scale_rewards: str = field(default="group", metadata={"help": f"advantage scaling, one of {SCALE_REWARDS}"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature, divides the logits"})
+    max_completion_length: int = field(default=512, metadata={"help": "tokens per caption (dr_grpo normaliser)"})
+    chunk_size: int = field(default=256, metadata={"help": "tokens per chunk of the fused LM head"})
+    vocab_block: int | None = field(default=None, metadata={"help": "vocabulary block (None = whole; less = leaner)"})
+    compute_entropy: bool = field(default=True, metadata={"help": "compute the mean entropy metric"})
+
+    def __post_init__(self):
+        checks = [
+            (self.loss_type in LOSS_TYPES, f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}"),
+            (
+                self.importance_sampling_level in IS_LEVELS,
+                f"importance_sampling_level must be one of {IS_LEVELS}, got {self.importance_sampling_level!r}",
+            ),
+            (
+                self.scale_rewards in SCALE_REWARDS,
+                f"scale_rewards must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}",
+            ),
+            (self.beta >= 0, f"beta must be >= 0, got {self.beta}"),
+            (0 <= self.epsilon < 1, f"epsilon must be in [0, 1), got {self.epsilon}"),
+            (
+                self.epsilon_high is None or self.epsilon_high >= 0,
+                f"epsilon_high must be >= 0, got {self.epsilon_high}",
+            ),
+            (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
+            (self.max_completion_length >= 1, f"max_completion_length must be >= 1, got {self.max_completion_length}"),
+            (self.chunk_size >= 1, f"chunk_size must be >= 1, got {self.chunk_size}"),
+            (self.vocab_block is None or self.vocab_block >= 1, f"vocab_block must be >= 1, got {self.vocab_block}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+@dataclass
+class GroupAdvantages:
+    advantages: torch.Tensor  # [B*G], 0 for invalid rewards and all-equal groups
+    group_std: torch.Tensor  # [B] within-group std of the valid rewards (0 when fewer than two)
+    num_zero_std_groups: int  # groups whose valid rewards are all equal (no learning signal)
+    num_invalid_rewards: int  # NaN / inf rewards, excluded from the statistics
+
+    @property
+    def frac_reward_zero_std(self) -> float:
+        return self.num_zero_std_groups / max(self.group_std.numel(), 1)
+
+
+def group_advantages(
+    rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group", eps: float = ADVANTAGE_EPS
+) -> GroupAdvantages:
+    """A_i = (r_i - mean_group) / (std + eps), TRL's formula (Bessel-corrected std), robust to bad rewards.
+
+    Rewards are image-major: group b is rewards[b*G:(b+1)*G]. NaN or inf rewards are left out of the mean and std
+    and get advantage 0; so do all-equal groups (counted in `num_zero_std_groups`). `scale_rewards`: "group" divides
+    by the group's std, "batch" by the std of all valid rewards, "none" only centres.
+    """
+    if scale_rewards not in SCALE_REWARDS:
+        raise ConfigError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
+    if num_generations < 1 or rewards.dim() != 1 or rewards.numel() % num_generations:
+        raise ConfigError(
+            f"rewards must be [B*G] with G = num_generations = {num_generations}, got shape {tuple(rewards.shape)}"
+        )
+    r = rewards.float().view(-1, num_generations)
+    valid = torch.isfinite(r)
+    r0 = torch.where(valid, r, torch.zeros_like(r))
+    count = valid.sum(1, keepdim=True)
+    mean = r0.sum(1, keepdim=True) / count.clamp(min=1)
+    centred = torch.where(valid, r - mean, torch.zeros_like(r))
+    var = (centred**2).sum(1, keepdim=True) / (count - 1).clamp(min=1)
+    group_std = torch.where(count > 1, var.sqrt(), torch.zeros_like(var))
+    if scale_rewards == "group":
+        adv = centred / (group_std + eps)
+    elif scale_rewards == "batch":
+        flat = r[valid]
+        batch_std = flat.std() if flat.numel() > 1 else flat.new_zeros(())
+        adv = centred / (batch_std + eps)
+    else:
+        adv = centred
+    zero_std = torch.isclose(group_std.squeeze(1), torch.zeros_like(group_std.squeeze(1)))
+    return GroupAdvantages(
+        advantages=adv.reshape(-1),
+        group_std=group_std.squeeze(1),
+        num_zero_std_groups=int(zero_std.sum()),
+        num_invalid_rewards=int((~valid).sum()),
+    )
+
+
+@dataclass
+class PackedCompletions:
+    """Completion tokens of S sequences, packed without padding."""
+
+    token_ids: torch.Tensor  # [N] sampled tokens
+    seq_index: torch.Tensor  # [N] sequence of each token, in [0, S)
+    num_sequences: int  # S, including sequences with no tokens
+    mask: torch.Tensor | None = None  # [N] 1 = counts in the loss
+    old_logp: torch.Tensor | None = None  # [N] behaviour policy (None = on-policy, num_iterations == 1)
+    ref_logp: torch.Tensor | None = None  # [N] reference policy (needed when beta > 0)
+
+    @classmethod
+    def from_padded(cls, ids: torch.Tensor, mask: torch.Tensor, **per_token) -> PackedCompletions:
+        """From right-padded [S, T] ids and mask (per_token tensors [S, T] are packed the same way)."""
+        keep = mask.bool()
+        seq_index = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)[keep]
+        packed = {k: (v[keep] if v is not None else None) for k, v in per_token.items()}
+        return cls(token_ids=ids[keep], seq_index=seq_index, num_sequences=ids.shape[0], **packed)
+
+
+def grpo_loss(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    batch: PackedCompletions,
+    advantages: torch.Tensor,
+    config: GRPOLossConfig,
+    num_items: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss, per-token log-probs [N] (detached) and metrics for hidden states [N, H] of `batch`'s tokens."""
+    return fused_linear_grpo_loss(
+        hidden,
+        lm_head_weight,
+        batch.token_ids,
+        batch.seq_index,
+        advantages,
+        mask=batch.mask,
+        old_logp=batch.old_logp,
+        ref_logp=batch.ref_logp,
+        num_sequences=batch.num_sequences,
+        beta=config.beta,
+        epsilon_low=config.epsilon,
+        epsilon_high=config.epsilon_high,
+        loss_type=config.loss_type,
+        importance_sampling_level=config.importance_sampling_level,
+        temperature=config.temperature,
+        max_completion_length=config.max_completion_length,
+        num_items=num_items,
+        chunk_size=config.chunk_size,
+        vocab_block=config.vocab_block,
+        compute_entropy=config.compute_entropy,
+    )
+
+
+@torch.no_grad()
+def completion_logprobs(
+    hidden: torch.Tensor, lm_head_weight: torch.Tensor, token_ids: torch.Tensor, config: GRPOLossConfig
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """No-grad per-token log-probs (and entropy) for the old-policy and reference passes: one GEMM per block."""
+    return linear_logprobs(
+        hidden,
+        lm_head_weight,
+        token_ids,
+        temperature=config.temperature,
+        chunk_size=config.chunk_size,
+        vocab_block=config.vocab_block,
+        entropy=config.compute_entropy,
+    )
