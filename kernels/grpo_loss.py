@@ -186,7 +186,9 @@ class _TrainableHeadGRPO(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _g_logp, _g_ent):
         grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * grad_loss).to(ctx.dtypes[0]), (grad_w * grad_loss).to(ctx.dtypes[1]), None, None, None
+        if not bool(grad_loss == 1):  # the usual loss.backward() passes 1: hand over the buffers, no [V, H] copy
+            grad_h, grad_w = grad_h * grad_loss, grad_w * grad_loss
+        return grad_h.to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]), None, None, None
 
 
 def _sl(x, sl):

@@ -155,10 +155,13 @@ def _chunk_forward(h, weight, y, inv_temp, vocab_block, want_pw, entropy):
     m = torch.empty(c, device=h.device, dtype=torch.float32)
     s, t, chosen = torch.zeros_like(m), torch.zeros_like(m), torch.zeros_like(m)
     pw = torch.zeros(c, weight.shape[1], device=h.device, dtype=torch.float32) if want_pw else None
+    # With E_p[W] at hand the entropy is nearly free: z is linear in W, so E_p[z] = hs · E_p[W] and
+    # H = lse - E_p[z]; only the no-grad path pays for Σ p log p over the block.
+    block_entropy = entropy and not want_pw
     for start in range(0, vocab, block):
         w_b = weight[start : start + block]
         z = (hs @ w_b.t()).float()  # fp32 logits block; the GEMM itself runs in the weight's dtype
-        alpha = online_softmax_block(z, y, (m, s, t, chosen), start, start == 0, entropy)
+        alpha = online_softmax_block(z, y, (m, s, t, chosen), start, start == 0, block_entropy)
         if want_pw:
             if start:
                 pw.mul_(alpha[:, None])
@@ -169,9 +172,13 @@ def _chunk_forward(h, weight, y, inv_temp, vocab_block, want_pw, entropy):
     log_s = torch.log(s)
     lse = m + log_s
     logp = chosen - lse
-    ent = (log_s - t / s) if entropy else None
     if want_pw:
         pw.div_(s[:, None])
+    ent = None
+    if block_entropy:
+        ent = log_s - t / s
+    elif entropy:
+        ent = lse - (hs.float() * pw).sum(1)
     return logp, ent, lse, pw
 
 
