@@ -20,7 +20,8 @@ namespace {
 uae::ResizeCompat parse_compat(const std::string& compat) {
   if (compat == "torchvision") return uae::ResizeCompat::kTorchvision;
   if (compat == "pil") return uae::ResizeCompat::kPil;
-  throw std::invalid_argument("compat must be 'torchvision' or 'pil', got '" + compat + "'");
+  if (compat == "pil_legacy") return uae::ResizeCompat::kPilLegacy;
+  throw std::invalid_argument("compat must be 'torchvision', 'pil' or 'pil_legacy', got '" + compat + "'");
 }
 
 // A uint8 HWC RGB image whose pixels and channels are packed (rows may be padded). Arrays with other layouts are
@@ -116,7 +117,8 @@ void bind_image(py::module_& m) {
       },
       py::arg("image"), py::arg("height"), py::arg("width"), py::arg("compat") = "torchvision",
       py::arg("simd") = true,
-      "Antialiased bicubic resize of an (H, W, 3) uint8 image, bit-exact with torch ('torchvision') or Pillow.");
+      "Antialiased bicubic resize of an (H, W, 3) uint8 image, bit-exact with torch ('torchvision'), Pillow >= 13 "
+      "('pil') or Pillow < 13 ('pil_legacy').");
 
   m.def(
       "qwen_grid",

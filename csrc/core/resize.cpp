@@ -65,7 +65,7 @@ AxisFilter make_bicubic_filter(int64_t in_size, int64_t out_size, ResizeCompat c
     f.start[i] = lo;
     f.size[i] = n;
   }
-  if (compat == ResizeCompat::kPil) {
+  if (compat != ResizeCompat::kTorchvision) {
     f.precision = 22;  // Pillow: 32 - 8 bits of pixel - 2 bits of headroom
   } else {
     // torch: the largest precision (< 22) at which the largest weight still fits int16 with one bit to spare.
@@ -155,32 +155,40 @@ void resize_bicubic_rgb(const uint8_t* src, int64_t height, int64_t width, int64
     return;
   }
   const bool avx2 = simd == SimdMode::kAuto && cpu_has_avx2();
-  const uint8_t* src_end = src + (height - 1) * src_row_stride + width * 3;
-  const uint8_t* v_src = src;
-  int64_t v_stride = src_row_stride;
-  std::vector<uint8_t> mid;
-  if (need_h) {
+  auto horizontal = [&](const uint8_t* in, int64_t rows, int64_t stride, const uint8_t* in_end, uint8_t* out) {
     const AxisFilter fx = make_bicubic_filter(width, out_width, compat);
-    uint8_t* h_dst = dst;
-    if (need_v) {
-      mid.resize(static_cast<size_t>(height * out_row));
-      h_dst = mid.data();
-    }
     if (avx2 && fits_int16(fx)) {
-      detail::horizontal_pass_avx2(src, height, src_row_stride, src_end, fx, h_dst, out_row);
+      detail::horizontal_pass_avx2(in, rows, stride, in_end, fx, out, out_row);
     } else {
-      detail::horizontal_pass_scalar(src, height, src_row_stride, fx, h_dst, out_row);
+      detail::horizontal_pass_scalar(in, rows, stride, fx, out, out_row);
     }
-    v_src = h_dst;
-    v_stride = out_row;
-  }
-  if (need_v) {
+  };
+  auto vertical = [&](const uint8_t* in, int64_t row_bytes, int64_t stride, uint8_t* out) {
     const AxisFilter fy = make_bicubic_filter(height, out_height, compat);
     if (avx2 && fits_int16(fy)) {
-      detail::vertical_pass_avx2(v_src, out_row, v_stride, fy, dst, out_row);
+      detail::vertical_pass_avx2(in, row_bytes, stride, fy, out, row_bytes);
     } else {
-      detail::vertical_pass_scalar(v_src, out_row, v_stride, fy, dst, out_row);
+      detail::vertical_pass_scalar(in, row_bytes, stride, fy, out, row_bytes);
     }
+  };
+  const uint8_t* src_end = src + (height - 1) * src_row_stride + width * 3;
+  const int64_t shrink_y = height - out_height, shrink_x = width - out_width;
+  const bool vertical_first =
+      compat == ResizeCompat::kPil && need_h && need_v && shrink_y > 0 && shrink_y > 2 * shrink_x;
+  if (need_h && need_v) {
+    if (vertical_first) {
+      std::vector<uint8_t> mid(static_cast<size_t>(out_height * width * 3));
+      vertical(src, width * 3, src_row_stride, mid.data());
+      horizontal(mid.data(), out_height, width * 3, mid.data() + mid.size(), dst);
+    } else {
+      std::vector<uint8_t> mid(static_cast<size_t>(height * out_row));
+      horizontal(src, height, src_row_stride, src_end, mid.data());
+      vertical(mid.data(), out_row, out_row, dst);
+    }
+  } else if (need_h) {
+    horizontal(src, height, src_row_stride, src_end, dst);
+  } else {
+    vertical(src, out_row, src_row_stride, dst);
   }
 }
 

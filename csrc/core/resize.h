@@ -15,8 +15,10 @@
 
 namespace uae {
 
-// Which library's integer arithmetic to reproduce.
-enum class ResizeCompat : int { kTorchvision = 0, kPil = 1 };
+// Which library's integer arithmetic to reproduce. Pillow 13 (python-pillow PR #9549) runs the vertical pass first
+// when the height shrinks by more than twice as many pixels as the width; earlier Pillow always went horizontal
+// first. The pass order changes ~10-20% of the pixels by one level, so both behaviours are kept.
+enum class ResizeCompat : int { kTorchvision = 0, kPil = 1, kPilLegacy = 2 };
 
 // Which code path runs the passes. kAuto picks AVX2 when the CPU has it and the weights fit int16 (torchvision
 // compatibility); kScalar forces the portable loops (tests use it to cover both paths).
@@ -43,7 +45,8 @@ bool cpu_has_avx2();
 
 // Resizes an RGB uint8 image (`src_row_stride` bytes between rows, pixels packed as 3 bytes) to
 // out_height x out_width, writing a packed RGB image with rows of out_width * 3 bytes to `dst`.
-// A pass whose size does not change is skipped, as both reference libraries do.
+// A pass whose size does not change is skipped, as both reference libraries do. Weights are quantised the
+// torch way for kTorchvision and the Pillow way (22 bits) for both Pillow modes.
 void resize_bicubic_rgb(const uint8_t* src, int64_t height, int64_t width, int64_t src_row_stride, uint8_t* dst,
                         int64_t out_height, int64_t out_width, ResizeCompat compat, SimdMode simd);
 
