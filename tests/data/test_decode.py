@@ -18,7 +18,7 @@ from PIL import Image
 
 from uae_fast.data.decode import ImageDecoder, _apply_orientation, available_backends, decode_images
 from uae_fast.data.images import load_image
-from uae_fast.data.preprocess import qwen_grid_thw, qwen_preprocess, qwen_preprocess_bytes
+from uae_fast.data.preprocess import qwen_grid_thw, qwen_preprocess_bytes
 from uae_fast.errors import ImageLoadError
 
 BACKENDS = available_backends()
