@@ -14,11 +14,12 @@ import io
 import numpy as np
 import pytest
 import skimage.data
+import torch
 from PIL import Image
 
 from uae_fast.data.decode import ImageDecoder, _apply_orientation, available_backends, decode_images
 from uae_fast.data.images import load_image
-from uae_fast.data.preprocess import qwen_grid_thw, qwen_preprocess_bytes
+from uae_fast.data.preprocess import qwen_grid_thw, qwen_preprocess, qwen_preprocess_bytes
 from uae_fast.errors import ImageLoadError
 
 BACKENDS = available_backends()
@@ -155,3 +156,13 @@ def test_bytes_pipeline_equals_processor_on_pillow_decode(files):
     ours = qwen_preprocess_bytes(data, max_pixels=128 * 128, threads=2)
     assert ours["image_grid_thw"].tolist() == ref["image_grid_thw"].tolist()
     assert (ours["pixel_values"] - ref["pixel_values"]).abs().max().item() == 0.0
+
+
+def test_reused_decoder_gives_the_same_inputs(files):
+    data = [files["jpeg420"], files["png"]]
+    with ImageDecoder(BACKENDS[0], threads=2) as dec:
+        first = qwen_preprocess_bytes(data, max_pixels=64 * 64, decoder=dec)
+        second = qwen_preprocess_bytes(data, max_pixels=64 * 64, decoder=dec)
+    assert torch.equal(first["pixel_values"], second["pixel_values"])
+    want = qwen_preprocess([np.asarray(load_image(d)) for d in data], max_pixels=64 * 64)
+    assert torch.equal(first["pixel_values"], want["pixel_values"])

@@ -160,6 +160,7 @@ def qwen_preprocess_bytes(
     reduced_decode: bool = False,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     compat: str = "torchvision",
+    decoder=None,
     **kwargs,
 ) -> dict[str, torch.Tensor]:
     """Encoded image files -> Qwen2.5-VL inputs: decode (see :class:`~uae_fast.data.decode.ImageDecoder`), then
@@ -174,6 +175,8 @@ def qwen_preprocess_bytes(
             doubles). ``image_grid_thw`` is unchanged (sized from the original header) but pixels
             differ from the exact path (see the README's numbers); never the default.
         max_image_pixels: Largest accepted original image (width * height), checked from the header.
+        decoder: An :class:`~uae_fast.data.decode.ImageDecoder` to reuse (keeps its DALI pipeline and thread pool
+            across calls); by default one is made per call from ``backend``, ``threads`` and ``max_image_pixels``.
         **kwargs: Passed to :func:`qwen_preprocess` (patch_size, merge_size, image_mean, ...).
 
     Returns:
@@ -186,7 +189,8 @@ def qwen_preprocess_bytes(
     from uae_fast.data.decode import ImageDecoder
 
     threads = _resolve_threads(threads)
-    decoder = ImageDecoder(backend=backend, threads=threads, max_pixels=max_image_pixels)
+    if decoder is None:
+        decoder = ImageDecoder(backend=backend, threads=threads, max_pixels=max_image_pixels)
     if reduced_decode:
         patch, merge = kwargs.get("patch_size", 14), kwargs.get("merge_size", 2)
         sizes = decoder.sizes(data)
