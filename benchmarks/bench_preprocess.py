@@ -23,7 +23,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(__file__))
 from utils import fmt_ratio, interleaved_medians, markdown_table  # noqa: E402
 
-from uae_fast.data.decode import available_backends  # noqa: E402
+from uae_fast.data.decode import ImageDecoder, available_backends  # noqa: E402
 from uae_fast.data.images import load_image  # noqa: E402
 from uae_fast.data.preprocess import qwen_preprocess_bytes  # noqa: E402
 
@@ -77,9 +77,16 @@ def main() -> None:
         def run_processor(proc):
             return proc(images=[load_image(d) for d in data], return_tensors="pt")
 
+        # One decoder per configuration, reused across calls as a training loop would (thread pool, DALI pipeline).
+        decoders = {(t, b): ImageDecoder(b, threads=t) for t in (1, 2) for b in available_backends()}
+
         def ours(threads, reduced=False, backend="cpu"):
             return qwen_preprocess_bytes(
-                data, max_pixels=max_pixels, threads=threads, backend=backend, reduced_decode=reduced
+                data,
+                max_pixels=max_pixels,
+                threads=threads,
+                reduced_decode=reduced,
+                decoder=decoders[(threads, backend)],
             )
 
         variants = {

@@ -189,17 +189,24 @@ def qwen_preprocess_bytes(
     from uae_fast.data.decode import ImageDecoder
 
     threads = _resolve_threads(threads)
-    if decoder is None:
+    own = decoder is None
+    if own:
         decoder = ImageDecoder(backend=backend, threads=threads, max_pixels=max_image_pixels)
-    if reduced_decode:
-        patch, merge = kwargs.get("patch_size", 14), kwargs.get("merge_size", 2)
-        sizes = decoder.sizes(data)
-        grid = qwen_grid_thw(sizes, min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch, merge_size=merge)
-        targets = [(2 * int(h) * patch, 2 * int(w) * patch) for _, h, w in grid.tolist()]
-        images = decoder.decode(data, min_sizes=targets)
-        kwargs["source_sizes"] = sizes
-    else:
-        images = decoder.decode(data)
+    try:
+        if reduced_decode:
+            patch, merge = kwargs.get("patch_size", 14), kwargs.get("merge_size", 2)
+            sizes = decoder.sizes(data)
+            grid = qwen_grid_thw(
+                sizes, min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch, merge_size=merge
+            )
+            targets = [(2 * int(h) * patch, 2 * int(w) * patch) for _, h, w in grid.tolist()]
+            images = decoder.decode(data, min_sizes=targets)
+            kwargs["source_sizes"] = sizes
+        else:
+            images = decoder.decode(data)
+    finally:
+        if own:
+            decoder.close()
     return qwen_preprocess(
         images, min_pixels=min_pixels, max_pixels=max_pixels, threads=threads, compat=compat, **kwargs
     )
