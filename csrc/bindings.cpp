@@ -1,5 +1,6 @@
 // The one Python extension module, uae_fast._C. Argument checks live here, at the boundary, so the torch-free
-// core can assume valid inputs and Python callers get ValueError instead of a crash.
+// core can assume valid inputs and Python callers get ValueError instead of a crash. The image and RL bindings
+// live in bind_image.cpp / bind_rl.cpp and are registered from this module's init.
 #include <pybind11/pybind11.h>
 
 #include "core/smart_resize.h"
@@ -9,6 +10,11 @@
 #endif
 
 namespace py = pybind11;
+
+namespace uae_bind {
+void bind_image(py::module_& m);
+void bind_rl(py::module_& m);
+}  // namespace uae_bind
 
 namespace {
 
@@ -42,4 +48,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("has_openmp") = false;
 #endif
   m.def("openmp_max_threads", &openmp_max_threads, "Threads an OpenMP parallel region would use (1 without OpenMP).");
+
+  uae_bind::bind_image(m);
+  uae_bind::bind_rl(m);
 }

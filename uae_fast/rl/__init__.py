@@ -1,3 +1,5 @@
-"""Reinforcement-learning pieces: GRPO for the captioner (Flow-GRPO for the decoder arrives with its issue)."""
+"""Reinforcement learning: rollout storage and packing, GRPO for the captioner (Flow-GRPO arrives with its issue)."""
 
-__all__: list[str] = []
+from uae_fast.rl.rollout_buffer import MicroBatch, PackedBatches, RolloutBuffer, pack_sequences
+
+__all__ = ["MicroBatch", "PackedBatches", "RolloutBuffer", "pack_sequences"]

@@ -1,0 +1,169 @@
+"""C++ rollout buffer and first-fit-decreasing packing, checked against plain-Python references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from uae_fast.rl import RolloutBuffer, pack_sequences
+
+
+def _filled(n_groups: int = 3, g: int = 4, seed: int = 0) -> tuple[RolloutBuffer, list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    buf = RolloutBuffer(sample_capacity=64, token_capacity=4096)
+    seqs = []
+    for p in range(n_groups):
+        for _ in range(g):
+            toks = rng.integers(0, 151_936, rng.integers(1, 40))
+            buf.add(p, p, toks, prompt_len=1, reward=float(rng.normal()), truncated=bool(rng.random() < 0.3))
+            seqs.append(toks)
+    return buf, seqs
+
+
+def test_round_trip_and_zero_copy_views():
+    buf, seqs = _filled()
+    assert len(buf) == 12 and buf.num_tokens == sum(map(len, seqs))
+    for i, s in enumerate(seqs):
+        np.testing.assert_array_equal(buf.sequence(i), s)
+    np.testing.assert_array_equal(buf.tokens, np.concatenate(seqs))
+    assert buf.tokens.dtype == np.int64 and buf.old_logprob.dtype == np.float32 and buf.truncated.dtype == bool
+    # Writes through numpy and torch views land in the buffer.
+    buf.old_logprob[:] = -1.5
+    t = buf.tensor("ref_logprob")
+    t += 2.0
+    assert torch.from_numpy(buf.ref_logprob).eq(2.0).all() and (buf.old_logprob == -1.5).all()
+    assert buf.tensor("tokens").data_ptr() == buf.tokens.ctypes.data
+
+
+def test_growth_refused_while_views_live_then_allowed():
+    buf = RolloutBuffer(sample_capacity=2, token_capacity=8)
+    buf.add(0, 0, [1, 2, 3])
+    view = buf.tokens
+    with pytest.raises(ValueError, match="views are alive"):
+        buf.add(0, 0, list(range(10)))
+    assert len(buf) == 1  # all-or-nothing
+    np.testing.assert_array_equal(view, [1, 2, 3])
+    del view
+    buf.add(0, 0, list(range(10)))  # no views: the storage may move
+    np.testing.assert_array_equal(buf.sequence(1), np.arange(10))
+
+
+def test_bad_samples_are_clear_errors():
+    buf = RolloutBuffer()
+    buf.add(0, 0, [5])
+    with pytest.raises(ValueError, match="sample 1: has 0 tokens"):
+        buf.add(0, 0, [])
+    with pytest.raises(ValueError, match=r"sample 1: prompt_len 3 outside \[0, 2\]"):
+        buf.add(0, 0, [1, 2], prompt_len=3)
+    with pytest.raises(ValueError, match="lengths sum to 3"):
+        buf.add_batch([0, 0], [0, 0], [1, 2], [1, 2])
+    with pytest.raises(ValueError, match="old_logprob must be a 1-D array of length 2"):
+        buf.add(0, 0, [1, 2], old_logprob=[0.1])
+    with pytest.raises(ValueError, match="no field"):
+        buf.view("logits")
+    assert len(buf) == 1 and buf.num_tokens == 1
+
+
+def test_advantages_match_torch_reference():
+    buf, _ = _filled(n_groups=4, g=5, seed=3)
+    buf.skipped[7] = True
+    adv = buf.compute_advantages(eps=1e-4)
+    r, gid, skip = torch.from_numpy(buf.reward.copy()), buf.group_id, buf.skipped
+    for g in np.unique(gid):
+        idx = np.flatnonzero((gid == g) & ~skip)
+        rg = r[idx].double()
+        want = (rg - rg.mean()) / (rg.std() + 1e-4)  # torch.std: Bessel-corrected, as TRL
+        np.testing.assert_allclose(adv[idx], want.numpy(), rtol=1e-5, atol=1e-6)
+    assert adv[7] == 0.0
+
+
+def test_advantage_edge_cases():
+    buf = RolloutBuffer()
+    buf.add_batch([0, 0, 1], [0, 0, 1], [1, 1, 1], [1, 2, 3], rewards=[0.5, 0.5, 2.0])
+    np.testing.assert_array_equal(buf.compute_advantages(), [0, 0, 0])  # all-equal group and a group of one
+    np.testing.assert_allclose(buf.compute_advantages(scale_by_std=False), [0, 0, 0])
+    buf.add(2, 2, [9])  # not scored
+    with pytest.raises(ValueError, match="sample 3: no reward"):
+        buf.compute_advantages()
+
+
+def _check_packing(lengths, res, budget, offsets=None):
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if offsets is None else offsets
+    placed = np.concatenate([b.sample_index.numpy() for b in res.batches]) if res.batches else np.array([])
+    for b in res.batches:
+        seqs = b.sample_index.numpy()
+        lens = lengths[seqs]
+        assert b.num_tokens == lens.sum() and (b.num_tokens <= budget or len(seqs) == 1)
+        np.testing.assert_array_equal(b.cu_seqlens.numpy(), np.concatenate([[0], np.cumsum(lens)]))
+        assert b.cu_seqlens.dtype == torch.int32 and b.max_seqlen == lens.max()
+        want_tok = np.concatenate([np.arange(offsets[s], offsets[s] + lengths[s]) for s in seqs])
+        np.testing.assert_array_equal(b.token_index.numpy(), want_tok)
+        np.testing.assert_array_equal(b.position_ids.numpy(), np.concatenate([np.arange(n) for n in lens]))
+    np.testing.assert_array_equal(res.order.numpy(), placed)
+    for pos, s in enumerate(placed):
+        assert res.inverse[s] == pos
+    return placed
+
+
+def _ffd_reference(lengths, budget):
+    """Textbook first-fit decreasing (O(n * bins)), ties in input order."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bins, free = [], []
+    for i in order:
+        for b, f in enumerate(free):
+            if f >= lengths[i]:
+                bins[b].append(i)
+                free[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            free.append(budget - lengths[i])
+    return bins
+
+
+def test_packing_equals_textbook_ffd_and_is_valid():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(40, 601, 500)
+    res = pack_sequences(lengths, 2048)
+    assert [b.sample_index.tolist() for b in res.batches] == _ffd_reference(lengths.tolist(), 2048)
+    placed = _check_packing(lengths, res, 2048)
+    assert sorted(placed.tolist()) == list(range(500))
+    assert res.padding_fraction() < 0.05
+
+
+def test_keep_groups_and_skipped_through_the_buffer():
+    buf, seqs = _filled(n_groups=5, g=4, seed=1)
+    buf.skipped[2] = True
+    budget = 200
+    res = buf.pack(budget, keep_groups=True)
+    lengths = np.diff(buf.offsets)
+    _check_packing(lengths, res, budget, offsets=buf.offsets[:-1])
+    for g in range(5):
+        members = [i for i in range(20) if buf.group_id[i] == g and not buf.skipped[i]]
+        batch_of = {b_idx for b_idx, b in enumerate(res.batches) for s in b.sample_index.tolist() if s in members}
+        assert len(batch_of) == 1, g
+    assert res.inverse[2] == -1
+    # Gathering with token_index reproduces each sequence.
+    for b in res.batches:
+        stream = buf.tokens[b.token_index.numpy()]
+        cu = b.cu_seqlens.numpy()
+        for k, s in enumerate(b.sample_index.tolist()):
+            np.testing.assert_array_equal(stream[cu[k] : cu[k + 1]], seqs[s])
+
+
+def test_oversize_and_zero_length():
+    with pytest.raises(ValueError, match="sequence 1: 300 tokens exceed token_budget 256"):
+        pack_sequences([10, 300, 20], 256)
+    res = pack_sequences([10, 300, 20], 256, oversize="own_batch")
+    assert [b.sample_index.tolist() for b in res.batches] == [[1], [2, 0]]
+    with pytest.raises(ValueError, match="sequence 2: length 0"):
+        pack_sequences([10, 20, 0], 256)
+    assert pack_sequences([10, 20, 0], 256, include=[1, 1, 0]).inverse.tolist() == [1, 0, -1]
+    with pytest.raises(ValueError, match=r"group 7 .* 120 tokens exceed token_budget 100"):
+        pack_sequences([60, 60, 5], 100, group_ids=[7, 7, 8], keep_groups=True)
+    with pytest.raises(ValueError, match="token_budget"):
+        pack_sequences([1], 0)
+    with pytest.raises(ValueError, match="oversize"):
+        pack_sequences([1], 10, oversize="split")
+    assert pack_sequences([], 10).batches == []
