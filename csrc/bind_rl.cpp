@@ -116,8 +116,6 @@ void bind_rl(py::module_& m) {
           py::arg("prompt_lens") = py::none(), py::arg("old_logprob") = py::none(),
           py::arg("ref_logprob") = py::none(), py::arg("rewards") = py::none(), py::arg("truncated") = py::none())
       .def("clear", &Buffer::clear)
-      .def("compute_advantages", &Buffer::compute_advantages, py::arg("scale_by_std") = true,
-           py::arg("eps") = 1e-4f, py::arg("unbiased") = true)
       .def("view", [](const std::shared_ptr<Buffer>& b, const std::string& name) -> py::array {
         const int64_t n = b->size(), t = b->num_tokens();
         if (name == "prompt_id") return view(b, b->prompt_id_, n, py::dtype::of<int64_t>());

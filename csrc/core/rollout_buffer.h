@@ -40,10 +40,6 @@ class RolloutBuffer {
   // Empties the buffer for the next step, keeping the allocation (views stay valid, their values become stale).
   void clear();
 
-  // Group-relative advantages: A = (r - mean_g) / (std_g + eps) when scale_by_std, else r - mean_g, over the
-  // non-skipped samples of each group (std with Bessel's correction when `unbiased`, as torch.std / TRL; a group
-  // with one sample has std 0). Skipped samples get advantage 0. Throws if a counted sample has no reward (NaN).
-  void compute_advantages(bool scale_by_std, float eps, bool unbiased);
 
   // Raw storage, for zero-copy views.
   std::vector<int64_t> prompt_id_, group_id_, prompt_len_, offsets_, tokens_;

@@ -48,7 +48,10 @@ def test_matches_reference_values_entropy_and_gradients(n, h, v, chunk, block, t
     ours = run(linear_logprobs, torch.float32, chunk_size=chunk, vocab_block=block)
     for name, o, r, e in zip(("logp", "entropy", "grad_hidden", "grad_weight"), ours, fp32_ref, exact):
         err, ref_err = (o - e).abs().max().item(), (r - e).abs().max().item()
-        assert err <= 2 * ref_err + 1e-5, (name, err, ref_err)
+        # The entropy is a logged metric; with gradients on it is lse - hs·E_p[W], which reuses the gradient's GEMM
+        # instead of another pass over the logits, at ~5e-5 relative error (see linear_logprobs).
+        slack = 1e-4 * e.abs().max().item() if name == "entropy" else 0.0
+        assert err <= 2 * ref_err + 1e-5 + slack, (name, err, ref_err)
 
 
 def test_frozen_head_gets_no_gradient_and_no_recompute(monkeypatch):

@@ -76,10 +76,10 @@ class GRPOLossConfig:
 
 @dataclass
 class GroupAdvantages:
-    advantages: torch.Tensor  # [B*G], 0 for invalid rewards and all-equal groups
-    group_std: torch.Tensor  # [B] within-group std of the valid rewards (0 when fewer than two)
+    advantages: torch.Tensor  # [N], 0 for invalid rewards and all-equal groups
+    group_std: torch.Tensor  # [num_groups] within-group std of the valid rewards (0 when fewer than two)
     num_zero_std_groups: int  # groups whose valid rewards are all equal (no learning signal)
-    num_invalid_rewards: int  # NaN / inf rewards, excluded from the statistics
+    num_invalid_rewards: int  # NaN / inf rewards (failed or unscored samples), left out of the statistics
 
     @property
     def frac_reward_zero_std(self) -> float:
@@ -87,41 +87,55 @@ class GroupAdvantages:
 
 
 def group_advantages(
-    rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group", eps: float = ADVANTAGE_EPS
+    rewards: torch.Tensor,
+    num_generations: int | None = None,
+    scale_rewards: str = "group",
+    eps: float = ADVANTAGE_EPS,
+    *,
+    group_ids: torch.Tensor | None = None,
 ) -> GroupAdvantages:
-    """A_i = (r_i - mean_group) / (std + eps), TRL's formula (Bessel-corrected std), robust to bad rewards.
+    """A_i = (r_i - mean_g) / (std_g + eps), TRL's formula (Bessel-corrected std), robust to bad rewards.
 
-    Rewards are image-major: group b is rewards[b*G:(b+1)*G]. NaN or inf rewards are left out of the mean and std
-    and get advantage 0; so do all-equal groups (counted in `num_zero_std_groups`). `scale_rewards`: "group" divides
-    by the group's std, "batch" by the std of all valid rewards, "none" only centres.
+    Groups are either consecutive runs of `num_generations` (image-major rollouts: group b is
+    rewards[b*G:(b+1)*G]) or given by `group_ids` [N] (any layout, any sizes). NaN or inf rewards are left out of
+    the mean and std and get advantage 0; so do all-equal groups (counted in `num_zero_std_groups`).
+    `scale_rewards`: "group" divides by the group's std, "batch" by the std of all valid rewards, "none" only centres.
     """
     if scale_rewards not in SCALE_REWARDS:
         raise ConfigError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
-    if num_generations < 1 or rewards.dim() != 1 or rewards.numel() % num_generations:
+    if group_ids is None:
+        if num_generations is None or num_generations < 1 or rewards.dim() != 1 or rewards.numel() % num_generations:
+            raise ConfigError(
+                f"rewards must be [B*G] with G = num_generations = {num_generations}, got shape {tuple(rewards.shape)}"
+            )
+        group_ids = torch.arange(rewards.numel() // num_generations).repeat_interleave(num_generations)
+    elif group_ids.shape != rewards.shape or rewards.dim() != 1:
         raise ConfigError(
-            f"rewards must be [B*G] with G = num_generations = {num_generations}, got shape {tuple(rewards.shape)}"
+            f"group_ids must be [N] like rewards, got {tuple(group_ids.shape)} and {tuple(rewards.shape)}"
         )
-    r = rewards.float().view(-1, num_generations)
+    groups, index = torch.unique(group_ids.to(rewards.device), return_inverse=True)
+    r = rewards.float()
     valid = torch.isfinite(r)
-    r0 = torch.where(valid, r, torch.zeros_like(r))
-    count = valid.sum(1, keepdim=True)
-    mean = r0.sum(1, keepdim=True) / count.clamp(min=1)
-    centred = torch.where(valid, r - mean, torch.zeros_like(r))
-    var = (centred**2).sum(1, keepdim=True) / (count - 1).clamp(min=1)
-    group_std = torch.where(count > 1, var.sqrt(), torch.zeros_like(var))
+
+    def per_group(x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(groups.numel(), device=r.device).index_add_(0, index, x)
+
+    count = per_group(valid.float())
+    mean = per_group(torch.where(valid, r, 0.0)) / count.clamp(min=1)
+    centred = torch.where(valid, r - mean[index], 0.0)
+    var = per_group(centred**2) / (count - 1).clamp(min=1)
+    group_std = torch.where(count > 1, var.sqrt(), 0.0)
     if scale_rewards == "group":
-        adv = centred / (group_std + eps)
+        adv = centred / (group_std[index] + eps)
     elif scale_rewards == "batch":
         flat = r[valid]
-        batch_std = flat.std() if flat.numel() > 1 else flat.new_zeros(())
-        adv = centred / (batch_std + eps)
+        adv = centred / ((flat.std() if flat.numel() > 1 else flat.new_zeros(())) + eps)
     else:
         adv = centred
-    zero_std = torch.isclose(group_std.squeeze(1), torch.zeros_like(group_std.squeeze(1)))
     return GroupAdvantages(
-        advantages=adv.reshape(-1),
-        group_std=group_std.squeeze(1),
-        num_zero_std_groups=int(zero_std.sum()),
+        advantages=adv,
+        group_std=group_std,
+        num_zero_std_groups=int(torch.isclose(group_std, torch.zeros_like(group_std)).sum()),
         num_invalid_rewards=int((~valid).sum()),
     )
 
