@@ -86,7 +86,8 @@ if triton is not None:
             # A squared norm is inf for any inf/huge element and NaN for any NaN element: one test covers both.
             finite = (ss_k < float("inf")) & (rr_k < float("inf")) & (dot_k == dot_k) & (tl.abs(dot_k) < float("inf"))
             denom = tl.maximum(tl.sqrt(ss_k), eps) * tl.maximum(tl.sqrt(rr_k), eps)
-            cos_k = tl.where(finite, dot_k / denom, 0.0)
+            # Divide only finite values: NaN / inf never enter an arithmetic op whose result is kept.
+            cos_k = tl.where(finite, dot_k, 0.0) / tl.where(finite, denom, 1.0)
             ok = ok & finite
             reward += tl.load(weights_ptr + k) * cos_k
             tl.store(cos_ptr + row * K + k, cos_k)

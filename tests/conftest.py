@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# Triton kernels run on the CPU only through its interpreter, which must be enabled before any @triton.jit function
+# is defined, i.e. before uae_fast.kernels modules are imported (tests marked `triton` use it).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

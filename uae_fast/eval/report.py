@@ -2,8 +2,9 @@
 
 Everything is inline (CSS, a small sort script, SVG histograms drawn here in Python so they render even with
 scripts disabled); images are referenced by paths relative to the report, so the folder can be moved or zipped.
-On load the script sorts the table by the mean score, worst first — the reconstructions to look at — and marks
-the table with ``data-sorted-by`` / ``data-sort-dir`` (the browser test checks the rendered DOM for that).
+On load the script sorts the table by the mean score, worst first — the reconstructions to look at — or by the
+column named in the URL (``report.html#sort=clip:desc``), and marks the table with ``data-sorted-by`` /
+``data-sort-dir`` (the browser test checks the rendered DOM for both).
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ _JS = """
   }
   Array.prototype.forEach.call(heads,function(h,i){h.addEventListener('click',function(){
     sortBy(i,h.getAttribute('data-dir')==='asc'?'desc':'asc');});});
-  for(var i=0;i<heads.length;i++) if(heads[i].getAttribute('data-key')==='mean') sortBy(i,'asc');
+  // Initial order: #sort=KEY:asc|desc in the URL (shareable views), else the mean score, worst first.
+  var m=/sort=([a-z0-9_]+):(asc|desc)/.exec(location.hash), want=m?m[1]:'mean', dir=m?m[2]:'asc';
+  for(var i=0;i<heads.length;i++) if(heads[i].getAttribute('data-key')===want) sortBy(i,dir);
 })();
 """
 

@@ -26,7 +26,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TensorPreprocess", "CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "as_image_batch"]
+__all__ = [
+    "TensorPreprocess",
+    "preprocess_many",
+    "to_levels",
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "as_image_batch",
+]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -117,26 +126,14 @@ class TensorPreprocess:
         Returns:
             pixel_values [N, 3, h, w] ready for the backbone.
         """
-        if isinstance(images, torch.Tensor):
-            out = self._batch(images)
-        else:
-            # Images of equal size are resized together: sources of a dataset often share a resolution.
-            groups: dict[tuple[int, int], list[int]] = {}
-            for i, im in enumerate(images):
-                groups.setdefault(tuple(im.shape[-2:]), []).append(i)
-            parts: list[torch.Tensor | None] = [None] * len(images)
-            for idx in groups.values():
-                batch = self._batch(torch.stack([images[i] for i in idx]))
-                for j, i in enumerate(idx):
-                    parts[i] = batch[j]
-            out = torch.stack(parts)
+        out = preprocess_many([self], images)[self]
         return out if dtype is None else out.to(dtype)
 
-    def _batch(self, x: torch.Tensor) -> torch.Tensor:
+    def from_levels(self, x: torch.Tensor) -> torch.Tensor:
+        """Preprocess [n, 3, H, W] float images already rounded to 0..255 levels (see :func:`to_levels`)."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"images must be [N, 3, H, W], got {tuple(x.shape)}")
         h, w = self.output_size(*x.shape[-2:])
-        x = x.float().mul(255.0).round_().clamp_(0.0, 255.0)  # 0..255 levels from here on
         if self.resize_8bit:
             x = _resize_8bit(x, h, w, self.interpolation)
         elif (h, w) != tuple(x.shape[-2:]):
@@ -147,6 +144,44 @@ class TensorPreprocess:
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         return torch.addcmul(-mean / std, x, 1.0 / (std * 255.0))
+
+
+def to_levels(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] floats → rounded 0..255 levels (float32), what an 8-bit PNG of the image holds."""
+    return x.float().mul(255.0).round_().clamp_(0.0, 255.0)
+
+
+def preprocess_many(
+    preprocs: Sequence[TensorPreprocess], images: torch.Tensor | Sequence[torch.Tensor]
+) -> dict[TensorPreprocess, torch.Tensor]:
+    """Apply several preprocessings to the same images, converting each image to 8-bit levels only once.
+
+    On a CPU the work goes one image at a time: a full-resolution float batch does not fit in the caches, and the
+    per-image passes measured ~2x faster per image than one 32-image call (512 px, 1 thread). On a GPU the whole
+    batch goes at once. Lists of differently sized images are always processed per image.
+
+    Returns:
+        TensorPreprocess → pixel_values [N, 3, h, w] float32, for each distinct entry of ``preprocs``.
+    """
+    unique = list(dict.fromkeys(preprocs))
+    if isinstance(images, torch.Tensor):
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [N, 3, H, W], got {tuple(images.shape)}")
+        step = 1 if images.device.type == "cpu" else max(1, images.shape[0])
+        chunks = [images[i : i + step] for i in range(0, images.shape[0], step)]
+    else:
+        for im in images:
+            if im.dim() != 3 or im.shape[0] != 3:
+                raise ValueError(f"each image must be [3, H, W], got {tuple(im.shape)}")
+        chunks = [im.unsqueeze(0) for im in images]
+    if not chunks:
+        raise ValueError("no images to preprocess")
+    parts: dict[TensorPreprocess, list[torch.Tensor]] = {p: [] for p in unique}
+    for chunk in chunks:
+        levels = to_levels(chunk)
+        for p in unique:
+            parts[p].append(p.from_levels(levels))
+    return {p: torch.cat(v) for p, v in parts.items()}
 
 
 def _resize_8bit(x: torch.Tensor, h: int, w: int, mode: str) -> torch.Tensor:

@@ -23,7 +23,7 @@ from uae_fast.kernels.reward import fused_reward
 
 from ..errors import ConfigError
 from .backbones import BACKBONE_NAMES, FeatureExtractor, load_backbones
-from .preprocess import as_image_batch
+from .preprocess import as_image_batch, preprocess_many
 
 __all__ = ["REWARD_FUNCTIONS", "RewardConfig", "RewardOutput", "ReconstructionReward", "register_reward"]
 
@@ -162,12 +162,11 @@ class ReconstructionReward:
             images = images.to(self.device)
         else:
             images = [im.to(self.device) for im in images]
-        prepared: dict = {}  # one preprocessing per distinct TensorPreprocess (CLIP and LongCLIP share)
+        # One preprocessing per distinct TensorPreprocess (CLIP and LongCLIP share theirs), one 8-bit conversion.
+        prepared = preprocess_many([self.backbones[n].preprocess for n in self.names], images)
         parts = []
         for name in self.names:
             fx = self.backbones[name]
-            if fx.preprocess not in prepared:
-                prepared[fx.preprocess] = fx.preprocess(images)
             parts.append(fx(None, pixel_values=prepared[fx.preprocess]).float())
         return torch.cat(parts, dim=1)
 
