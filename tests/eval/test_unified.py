@@ -8,7 +8,9 @@ import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from uae_fast.cli import main
 from uae_fast.data.demo import DEMO_IMAGE_NAMES
@@ -32,14 +34,17 @@ def run(tmp_path_factory):
     extra = root / "inputs"
     extra.mkdir()
     (extra / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(extra / "good.png")
     out = root / "out"
     code = main(
         ["bench", "unified", "--demo", "--preset", "tiny", "--backbones", "tiny", "--out", str(out)]
         + ["--max-new-tokens", "8", "--steps", "2"]
     )
     assert code == 0
-    bad = main(["bench", "unified", "--images", str(extra), "--skip-bad", "--preset", "tiny", "--out", str(root / "b")])
-    return out, bad, root
+    args = ["bench", "unified", "--images", str(extra), "--preset", "tiny", "--models", "clip", "--out"]
+    strict = main([*args, str(root / "strict")])
+    skipping = main([*args, str(root / "b"), "--skip-bad", "--max-new-tokens", "4", "--steps", "1"])
+    return out, (strict, skipping), root
 
 
 def _dom(html_file: Path, tmp_path: Path, fragment: str = "") -> str:
@@ -123,11 +128,14 @@ def test_rescoring_the_written_reconstructions_reproduces_the_scores(run, tmp_pa
             assert again[m][name] == pytest.approx(first[m][name], abs=1e-5)
 
 
-def test_unreadable_input_is_listed_not_fatal(run):
-    _, bad_code, root = run
-    # The folder held only a broken file: nothing to evaluate is an error, and it says why.
-    assert bad_code == 2
-    assert not (root / "b" / "unified_bench.json").exists()
+def test_unreadable_input_fails_or_is_listed(run):
+    _, (strict, skipping), root = run
+    assert strict == 2 and not (root / "strict" / "unified_bench.json").exists()  # without --skip-bad: clear error
+    assert skipping == 0
+    res = json.loads((root / "b" / "unified_bench.json").read_text())
+    assert list(res["similarities_by_model"]["clip"]) == ["good.png"]
+    (skip,) = res["skipped"]
+    assert skip["file"].endswith("broken.png") and "corrupt or truncated" in skip["reason"]
 
 
 def test_report_renders_in_chromium(run, tmp_path):
