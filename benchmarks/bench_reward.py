@@ -124,9 +124,9 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="B=4, one repeat, no memory children (under a minute)")
     p.add_argument("--batch", type=int, default=16, help="B source images (default 16)")
     p.add_argument("--generations", type=int, default=8, help="G reconstructions per source (default 8)")
-    p.add_argument("--rec-size", type=int, default=512, help="reconstruction side in pixels (default 512)")
-    p.add_argument("--src-height", type=int, default=480)
-    p.add_argument("--src-width", type=int, default=640)
+    p.add_argument("--rec-size", type=int, default=1024, help="reconstruction side (default 1024, SD3.5's output)")
+    p.add_argument("--src-height", type=int, default=768, help="source height (default 768)")
+    p.add_argument("--src-width", type=int, default=1024, help="source width (default 1024)")
     p.add_argument("--depth", type=int, default=2, help="blocks of the ViT-B-like backbone (default 2)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on shared cores)")
@@ -137,7 +137,7 @@ def main(argv=None) -> None:
     if args.child:
         return _child(args)
     if args.quick:
-        args.batch, args.repeats = 4, 1
+        args.batch, args.repeats, args.rec_size, args.src_height, args.src_width = 4, 1, 512, 384, 512
     torch.set_num_threads(args.threads)
     import transformers
 

@@ -59,6 +59,9 @@ class RewardConfig:
     function: str = field(default="weighted_cosine", metadata={"help": "name in REWARD_FUNCTIONS"})
     cache_size: int = field(default=4096, metadata={"help": "source images whose features stay cached (LRU)"})
     fill_value: float = field(default=0.0, metadata={"help": "reward given to invalid (NaN/inf/failed) samples"})
+    micro_batch: int | None = field(
+        default=None, metadata={"help": "images per backbone forward (default: 64 on CUDA, 8 on CPU); bounds memory"}
+    )
 
     def __post_init__(self):
         if not self.weights:
@@ -79,6 +82,8 @@ class RewardConfig:
             raise ConfigError(f"reward.function {self.function!r} unknown; choose from {', '.join(REWARD_FUNCTIONS)}")
         if self.cache_size < 0:
             raise ConfigError(f"reward.cache_size must be >= 0, got {self.cache_size}")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise ConfigError(f"reward.micro_batch must be >= 1, got {self.micro_batch}")
         if not math.isfinite(self.fill_value):
             raise ConfigError("reward.fill_value must be finite: it is what invalid samples feed the optimiser")
 
@@ -112,6 +117,9 @@ class ReconstructionReward:
         fill_value: Reward of invalid samples.
         function: Name of the reward function in :data:`REWARD_FUNCTIONS`.
         backend: Kernel backend ("auto": Triton on CUDA tensors, else PyTorch).
+        micro_batch: Images per backbone forward. Bounds activation memory (B·G = 128 images at once would hold
+            ~1 GB of ViT-B activations on a CPU) and, on a CPU, is faster: a ViT-B-width forward measured ~25%
+            faster per image in batches of 4 than of 64 (cache-resident activations). Default 64 on CUDA, 8 on CPU.
     """
 
     def __init__(
@@ -123,6 +131,7 @@ class ReconstructionReward:
         fill_value: float = 0.0,
         function: str = "weighted_cosine",
         backend: str = "auto",
+        micro_batch: int | None = None,
     ):
         unknown = [n for n in weights if n not in backbones]
         if unknown:
@@ -135,6 +144,7 @@ class ReconstructionReward:
         self.offsets = torch.tensor([0, *torch.tensor(dims).cumsum(0).tolist()], dtype=torch.int32, device=self.device)
         self.cache_size, self.fill_value, self.backend = cache_size, fill_value, backend
         self.reward_fn = REWARD_FUNCTIONS[function]
+        self.micro_batch = micro_batch or (64 if self.device.type == "cuda" else 8)
         self._cache: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
         # Running counters stay on the device: reading them every step would force a host sync.
         self.total_samples = 0
@@ -151,6 +161,7 @@ class ReconstructionReward:
             fill_value=config.fill_value,
             function=config.function,
             backend=backend,
+            micro_batch=config.micro_batch,
         )
 
     # ------------------------------------------------------------------ features
@@ -162,13 +173,15 @@ class ReconstructionReward:
             images = images.to(self.device)
         else:
             images = [im.to(self.device) for im in images]
-        # One preprocessing per distinct TensorPreprocess (CLIP and LongCLIP share theirs), one 8-bit conversion.
-        prepared = preprocess_many([self.backbones[n].preprocess for n in self.names], images)
-        parts = []
-        for name in self.names:
-            fx = self.backbones[name]
-            parts.append(fx(None, pixel_values=prepared[fx.preprocess]).float())
-        return torch.cat(parts, dim=1)
+        # Micro-batches end to end (preprocess + every backbone), so memory is bounded by micro_batch, not B·G.
+        # Within one, a distinct TensorPreprocess runs once (CLIP and LongCLIP share), after one 8-bit conversion.
+        step, rows = self.micro_batch, []
+        for i in range(0, len(images), step):
+            chunk = images[i : i + step]
+            prepared = preprocess_many([self.backbones[n].preprocess for n in self.names], chunk)
+            feats = [self.backbones[n](None, pixel_values=prepared[self.backbones[n].preprocess]) for n in self.names]
+            rows.append(torch.cat([f.float() for f in feats], dim=1))
+        return torch.cat(rows, dim=0)
 
     def source_features(self, images, ids: Sequence[Hashable] | None = None) -> torch.Tensor:
         """Features [B, D_total] of source images, served from the cache for ids seen before.
