@@ -71,6 +71,13 @@ def test_source_features_computed_once_per_id(reward):
     torch.testing.assert_close(again.rewards, fresh.rewards, atol=1e-6, rtol=0)
 
 
+def test_micro_batch_size_does_not_change_rewards(backbones):
+    sources, recons = _group(b=2, g=3)
+    one = ReconstructionReward(backbones, WEIGHTS, micro_batch=1)(sources, recons)
+    all_at_once = ReconstructionReward(backbones, WEIGHTS, micro_batch=64)(sources, recons)
+    torch.testing.assert_close(one.rewards, all_at_once.rewards, atol=1e-5, rtol=0)
+
+
 def test_cache_is_lru_bounded(backbones):
     reward = ReconstructionReward(backbones, {"clip": 1.0}, cache_size=2)
     sources, recons = _group(b=1, g=1)
@@ -123,6 +130,8 @@ def test_config_validation():
         RewardConfig(weights={"clip": float("nan")}, backbones=tiny)
     with pytest.raises(ConfigError, match="no path for dinov3"):
         RewardConfig(weights={"clip": 1.0, "dinov3": 1.0}, backbones={"clip": "tiny"})
+    with pytest.raises(ConfigError, match="micro_batch"):
+        RewardConfig(backbones=tiny, micro_batch=0)
     with pytest.raises(ConfigError, match="function 'l2'"):
         RewardConfig(backbones=tiny, function="l2")
 
