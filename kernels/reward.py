@@ -203,6 +203,8 @@ def fused_reward(
         return reward_ref(src, rec, index, offsets, weights, failed, fill=fill, eps=eps)
     if triton is None:
         raise RuntimeError("backend='triton' needs the triton package")
+    if not rec.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before uae_fast is imported")
     dev = rec.device
     if failed is None:
         failed = torch.zeros(rec.shape[0], dtype=torch.int8, device=dev)
