@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(rec)
     _add_caption_opts(rec)
     _add_generate_opts(rec)
+
+    from .eval.cli import add_bench_parser  # Unified-Bench: `bench unified`, `bench score`
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -308,7 +312,13 @@ def cmd_reconstruct(args) -> None:
     print(f"wrote {len(rows)} reconstruction(s) and captions.jsonl to {out}", file=sys.stderr)
 
 
-COMMANDS = {"caption": cmd_caption, "generate": cmd_generate, "reconstruct": cmd_reconstruct}
+def cmd_bench(args) -> None:
+    from .eval.cli import cmd_bench as run
+
+    run(args)
+
+
+COMMANDS = {"caption": cmd_caption, "generate": cmd_generate, "reconstruct": cmd_reconstruct, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
