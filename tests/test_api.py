@@ -90,3 +90,17 @@ def test_tiny_preset_is_seeded():
     c = uae_fast.load("tiny", device="cpu", seed=1).components.transformer.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_reconstruct_scores_with_a_reward_on_device(tiny, demo):
+    from uae_fast.rewards import ReconstructionReward, RewardConfig
+
+    config = RewardConfig(weights={"clip": 0.5, "dinov2": 0.5}, backbones={"clip": "tiny", "dinov2": "tiny"})
+    reward = ReconstructionReward.from_config(config)
+    result = tiny.reconstruct(demo[:2], num_generations=2, max_new_tokens=5, steps=2, reward=reward)
+    assert len(result.scores) == 4 and all(-1.0 <= s <= 1.0 for s in result.scores)
+    # the same numbers as scoring the tensors directly (no PIL round trip in between)
+    seeds = [0, 0, 1, 1]
+    recon = tiny.generate_tensors(result.captions, steps=2, seed=seeds, allow_empty=True)
+    expected = reward([d for d in demo[:2]], recon, num_generations=2).rewards
+    torch.testing.assert_close(torch.tensor(result.scores), expected, atol=1e-6, rtol=0)

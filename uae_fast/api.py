@@ -53,7 +53,7 @@ class Reconstruction:
 
     captions: list[str]  # [B*G]
     images: list[Image.Image]  # [B*G]
-    scores: list[float] | None = field(default=None)  # [B*G], once a reward is configured
+    scores: list[float] | None = field(default=None)  # [B*G] rewards when reconstruct() was given a reward
 
 
 class UAE:
@@ -207,20 +207,33 @@ class UAE:
 
     # ---------------------------------------------------------------- both
     def reconstruct(
-        self, images: Sequence[ImageSource] | ImageSource, *, num_generations: int = 1, seed: int = 0, **kwargs
+        self,
+        images: Sequence[ImageSource] | ImageSource,
+        *,
+        num_generations: int = 1,
+        seed: int = 0,
+        reward=None,
+        **kwargs,
     ) -> Reconstruction:
         """image → caption(s) → image(s). Captions of one image share its noise seed, so they compare fairly.
 
+        With a `reward` (a :class:`uae_fast.rewards.ReconstructionReward`) the reconstructions are scored on the
+        device, without a PIL round trip; `scores` holds the rewards (NaN where a reward was invalid).
         kwargs go to :meth:`caption` (temperature, top_p, max_new_tokens) or :meth:`generate` (steps, guidance, size).
         """
         gen_keys = {"steps", "guidance", "size"}
         cap_kwargs = {k: v for k, v in kwargs.items() if k not in gen_keys}
         gen_kwargs = {k: v for k, v in kwargs.items() if k in gen_keys}
-        images = _as_list(images)
-        captions = self.caption(images, num_generations=num_generations, seed=seed, **cap_kwargs)
+        pil = [load_image(im) for im in _as_list(images)]
+        captions = self.caption(pil, num_generations=num_generations, seed=seed, **cap_kwargs)
         seeds = [seed + i // num_generations for i in range(len(captions))]
         # The model may legitimately say nothing; that caption is rendered rather than refused.
-        return Reconstruction(captions, self.generate(captions, seed=seeds, allow_empty=True, **gen_kwargs))
+        recon = self.generate_tensors(captions, seed=seeds, allow_empty=True, **gen_kwargs)  # [B*G, 3, H, W]
+        scores = None
+        if reward is not None:
+            out = reward(pil, recon, num_generations=num_generations)
+            scores = torch.where(out.valid, out.rewards, float("nan")).tolist()
+        return Reconstruction(captions, tensors_to_pil(recon), scores)
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write the released layout (llm/, SD3/, dit/, and llm_lora/ / dit_lora/ when adapters exist)."""

@@ -106,8 +106,9 @@ def _check_common(args) -> None:
     size = getattr(args, "size", None)
     if size is not None and (size <= 0 or size % _VAE_FACTOR):
         raise ConfigError(f"--size must be a positive multiple of {_VAE_FACTOR} (the VAE factor), got {size}")
-    if args.preset not in PRESETS and not Path(args.preset).is_dir():
-        raise CheckpointError(f"--preset {args.preset}: not a preset ({', '.join(PRESETS)}) or a checkpoint folder")
+    preset = getattr(args, "preset", None)  # `bench score` loads no UAE
+    if preset is not None and preset not in PRESETS and not Path(preset).is_dir():
+        raise CheckpointError(f"--preset {preset}: not a preset ({', '.join(PRESETS)}) or a checkpoint folder")
 
 
 def _image_paths(args) -> list[Path]:
