@@ -281,10 +281,11 @@ def fused_linear_grpo_loss(
             h, weight, y, temperature=temperature, chunk_size=chunk_size, vocab_block=vocab_block,
             entropy=compute_entropy,
         )  # fmt: skip
-        loss_t, _, _ = per_token_loss(logp, old, ref, a, m, si, seq_lengths, **loss_cfg)
+        loss_t, ratio, kl = per_token_loss(logp, old, ref, a, m, si, seq_lengths, **loss_cfg)
         loss = (w * loss_t).sum()
-    with torch.no_grad():
-        _, ratio, kl = per_token_loss(logp.detach(), old, ref, a, m, si, seq_lengths, **loss_cfg)
+    if single_pass and h.shape[0]:  # the single pass built its ratios chunk by chunk: rebuild them for the metrics
+        with torch.no_grad():
+            _, ratio, kl = per_token_loss(logp, old, ref, a, m, si, seq_lengths, **loss_cfg)
     metrics = grpo_metrics(
         ratio, kl, ent, a, m, si, num_sequences, epsilon_low, epsilon_high, importance_sampling_level
     )
