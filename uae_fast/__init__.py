@@ -17,6 +17,7 @@ __all__ = [
     "InferenceDefaults",
     "Reconstruction",
     "load",
+    "train",
     "UAEError",
     "ImageLoadError",
     "CheckpointError",
@@ -27,6 +28,8 @@ __all__ = [
 
 
 def __getattr__(name: str):
+    if name == "train":  # the training package is callable: uae_fast.train(config)
+        return importlib.import_module(".train", __name__)
     if name in _LAZY:
         value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value

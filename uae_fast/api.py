@@ -82,6 +82,12 @@ class UAE:
             text_encoders=components.text_encoders if conditioning == "text" else None,
         )
         self._negative = None
+        self.caption_pooled_weight = components.caption_pooled_weight
+        if self.caption_pooled_weight and conditioning == "llm" and pooled.shape[-1] != self.encoder.conditioning_dim:
+            raise ConfigError(
+                f"caption_pooled_weight needs the pooled width ({pooled.shape[-1]}) to equal the projector output "
+                f"({self.encoder.conditioning_dim})"
+            )
 
     # ---------------------------------------------------------------- encoder: image -> caption
     @torch.no_grad()
@@ -152,6 +158,9 @@ class UAE:
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         embeds = self.encoder.project(input_ids, mask.long())
         pooled = self.decoder.pooled_empty.expand(len(captions), -1)
+        if self.caption_pooled_weight:
+            mean = (embeds * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+            pooled = pooled + self.caption_pooled_weight * mean.to(pooled.dtype)
         return embeds, mask, pooled
 
     def negative_conditioning(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

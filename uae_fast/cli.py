@@ -53,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_opts(rec)
 
     from .eval.cli import add_bench_parser  # Unified-Bench: `bench unified`, `bench score`
+    from .train.cli import add_train_parser
 
     add_bench_parser(sub)
+    add_train_parser(sub)
     return parser
 
 
@@ -107,7 +109,7 @@ def _check_common(args) -> None:
     if size is not None and (size <= 0 or size % _VAE_FACTOR):
         raise ConfigError(f"--size must be a positive multiple of {_VAE_FACTOR} (the VAE factor), got {size}")
     preset = getattr(args, "preset", None)  # `bench score` loads no UAE
-    if preset is not None and preset not in PRESETS and not Path(preset).is_dir():
+    if args.command != "train" and preset is not None and preset not in PRESETS and not Path(preset).is_dir():
         raise CheckpointError(f"--preset {preset}: not a preset ({', '.join(PRESETS)}) or a checkpoint folder")
 
 
@@ -319,7 +321,19 @@ def cmd_bench(args) -> None:
     run(args)
 
 
-COMMANDS = {"caption": cmd_caption, "generate": cmd_generate, "reconstruct": cmd_reconstruct, "bench": cmd_bench}
+def cmd_train(args) -> None:
+    from .train.cli import cmd_train as run
+
+    run(args)
+
+
+COMMANDS = {
+    "caption": cmd_caption,
+    "generate": cmd_generate,
+    "reconstruct": cmd_reconstruct,
+    "bench": cmd_bench,
+    "train": cmd_train,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

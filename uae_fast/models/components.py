@@ -47,6 +47,9 @@ class UAEComponents:
     pooled_empty: torch.Tensor | None = None  # [1, P]
     source: Path | None = None  # checkpoint folder these came from: SD3/ text encoders are copied from it on save
     max_sequence_length: int = 256  # T5 tokens in text mode
+    # llm mode: pooled = pooled("") + w * masked mean of the caption's prompt embeddings. 0 (the official recipe)
+    # for real checkpoints; the tiny preset sets it so that captions visibly steer its random decoder.
+    caption_pooled_weight: float = 0.0
 
     def to(self, device, dtype) -> UAEComponents:
         modules = [self.encoder, self.transformer, self.vae]
@@ -98,7 +101,12 @@ def save_components(components: UAEComponents, out_dir: str | Path) -> Path:
         components.vae.save_pretrained(sd3 / "vae", safe_serialization=True)
         components.scheduler.save_pretrained(sd3 / "scheduler")
         max_sequence_length = _save_text_encoders(components, sd3)
-        meta = {"format": "uae_fast", "version": 1, "t5_max_sequence_length": max_sequence_length}
+        meta = {
+            "format": "uae_fast",
+            "version": 1,
+            "t5_max_sequence_length": max_sequence_length,
+            "caption_pooled_weight": components.caption_pooled_weight,
+        }
         (tmp / _FORMAT_FILE).write_text(json.dumps(meta, indent=2))
     return out_dir
 
@@ -224,7 +232,15 @@ def load_components(root: str | Path, *, conditioning: str = "llm") -> UAECompon
     max_len = meta.get("t5_max_sequence_length", 256)
     text_encoders = _load_text_encoders(sd3, with_t5=conditioning == "text", max_sequence_length=max_len)
     components = UAEComponents(
-        encoder, processor, transformer, vae, scheduler, text_encoders, source=root, max_sequence_length=max_len
+        encoder,
+        processor,
+        transformer,
+        vae,
+        scheduler,
+        text_encoders,
+        source=root,
+        max_sequence_length=max_len,
+        caption_pooled_weight=float(meta.get("caption_pooled_weight", 0.0)),
     )
     if conditioning == "llm":
         components.compute_pooled_empty()

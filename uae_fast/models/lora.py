@@ -30,14 +30,16 @@ def save_lora(peft_model, path: Path) -> None:
 def base_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The module's weights without its LoRA adapters, under the names the un-adapted model has.
 
-    PEFT injects adapters in place (`q_proj` becomes a wrapper holding `base_layer` and `lora_A/B`), so even the
-    "base model" of a PeftModel carries them; the released `llm/` and `dit/` folders must not.
+    PEFT injects adapters in place (`q_proj` becomes a wrapper holding `base_layer` and `lora_A/B`; a trained
+    `modules_to_save` layer holds `original_module` and its trained copy), so even the "base model" of a PeftModel
+    carries them; the released `llm/` and `dit/` folders must not (the adapter folder has the trained copies).
     """
     state = {}
     for key, tensor in module.state_dict().items():
-        if "lora_" in key:
+        if "lora_" in key or ".modules_to_save." in key:
             continue
-        state[key.replace("base_model.model.", "").replace(".base_layer", "")] = tensor
+        key = key.replace("base_model.model.", "").replace(".base_layer", "").replace(".original_module", "")
+        state[key] = tensor
     return state
 
 

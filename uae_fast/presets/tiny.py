@@ -30,6 +30,14 @@ TINY = {
     "dit_head_dim": 16,
     "max_pixels": 128 * 128,
     "min_pixels": 56 * 56,
+    # Random weights at the usual 0.02 init make a policy that cannot learn and a decoder that ignores captions
+    # (measured: see STACK-NOTES "Does RL learn on tiny random models?"). Three deliberate departures fix that:
+    # the LM head is drawn 10x larger (logits otherwise stay within about +-1.3, so no adapter can move the
+    # policy), the projector output 3x larger, and the caption also drives the pooled embedding (the official
+    # recipe pools "" only). With them stage 2a measurably learns on the tiny preset (tests/train/test_learning.py).
+    "lm_head_scale": 10.0,
+    "projector_out_scale": 3.0,
+    "caption_pooled_weight": 30.0,
 }
 
 
@@ -101,6 +109,9 @@ def _encoder(tokenizer):
     )
     assert head_dim // 2 == sum(config.text_config.rope_parameters["mrope_section"])
     model = UAEEncoder(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(TINY["lm_head_scale"])
+        model.projector[2].weight.mul_(TINY["projector_out_scale"])
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     return model.eval()
@@ -197,4 +208,5 @@ def build_tiny(seed: int = 0) -> UAEComponents:
         vae=vae,
         scheduler=scheduler,
         text_encoders=text_encoders,
+        caption_pooled_weight=TINY["caption_pooled_weight"],
     )

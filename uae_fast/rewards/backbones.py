@@ -124,6 +124,16 @@ def _cls_token(model, pixel_values):
     return model(pixel_values=pixel_values).last_hidden_state[:, 0]
 
 
+def mean_patch_token(model, pixel_values):
+    """Mean of a DINO model's patch tokens (CLS and register tokens excluded): a more spatial feature than the
+    CLS token, used where the CLS token barely varies (random tiny backbones)."""
+    skip = 1 + getattr(model.config, "num_register_tokens", 0)
+    return model(pixel_values=pixel_values).last_hidden_state[:, skip:].mean(1)
+
+
+DINO_FEATURES = {"cls": _cls_token, "mean_patch": mean_patch_token}
+
+
 def load_clip(path, device=None, dtype=None) -> FeatureExtractor:
     """CLIP ViT-L/14 image tower + visual projection (= ``CLIPModel.get_image_features``), text tower not loaded."""
     from transformers import CLIPConfig, CLIPVisionModelWithProjection

@@ -22,7 +22,7 @@ import torch
 from uae_fast.kernels.reward import fused_reward
 
 from ..errors import ConfigError
-from .backbones import BACKBONE_NAMES, FeatureExtractor, load_backbones
+from .backbones import BACKBONE_NAMES, DINO_FEATURES, FeatureExtractor, load_backbones
 from .preprocess import as_image_batch, preprocess_many
 
 __all__ = ["REWARD_FUNCTIONS", "RewardConfig", "RewardOutput", "ReconstructionReward", "register_reward"]
@@ -59,6 +59,9 @@ class RewardConfig:
     function: str = field(default="weighted_cosine", metadata={"help": "name in REWARD_FUNCTIONS"})
     cache_size: int = field(default=4096, metadata={"help": "source images whose features stay cached (LRU)"})
     fill_value: float = field(default=0.0, metadata={"help": "reward given to invalid (NaN/inf/failed) samples"})
+    dino_feature: str = field(
+        default="cls", metadata={"help": "DINOv2/v3 feature: 'cls' (Unified-Bench's) or 'mean_patch' (patch mean)"}
+    )
     micro_batch: int | None = field(
         default=None, metadata={"help": "images per backbone forward (default: 64 on CUDA, 8 on CPU); bounds memory"}
     )
@@ -82,6 +85,10 @@ class RewardConfig:
             raise ConfigError(f"reward.function {self.function!r} unknown; choose from {', '.join(REWARD_FUNCTIONS)}")
         if self.cache_size < 0:
             raise ConfigError(f"reward.cache_size must be >= 0, got {self.cache_size}")
+        if self.dino_feature not in DINO_FEATURES:
+            raise ConfigError(
+                f"reward.dino_feature must be one of {', '.join(DINO_FEATURES)}, got {self.dino_feature!r}"
+            )
         if self.micro_batch is not None and self.micro_batch < 1:
             raise ConfigError(f"reward.micro_batch must be >= 1, got {self.micro_batch}")
         if not math.isfinite(self.fill_value):
@@ -154,8 +161,12 @@ class ReconstructionReward:
     @classmethod
     def from_config(cls, config: RewardConfig, *, device=None, dtype=None, backend: str = "auto"):
         paths = {n: config.backbones[n] for n in config.weights}
+        backbones = load_backbones(paths, device=device, dtype=dtype)
+        for name in ("dinov2", "dinov3"):
+            if name in backbones:
+                backbones[name]._encode = DINO_FEATURES[config.dino_feature]
         return cls(
-            load_backbones(paths, device=device, dtype=dtype),
+            backbones,
             config.weights,
             cache_size=config.cache_size,
             fill_value=config.fill_value,

@@ -1,0 +1,62 @@
+"""Training: `uae_fast.train(config)` runs a stage; `G4UTrainer` is stage 2a ("generation for understanding").
+
+`uae_fast.train` is both this package and a function: the module is callable, so `uae_fast.train(config)` and
+`from uae_fast.train import G4UTrainer` both work. Names load on first use so `uae-fast --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from pathlib import Path
+
+__all__ = [
+    "DataConfig",
+    "DecoderConfig",
+    "G4UTrainer",
+    "LoraSettings",
+    "TrainConfig",
+    "load_train_config",
+    "shipped_configs",
+    "train",
+]
+
+_LAZY = {
+    "DataConfig": "config",
+    "DecoderConfig": "config",
+    "LoraSettings": "config",
+    "TrainConfig": "config",
+    "load_train_config": "config",
+    "shipped_configs": "config",
+    "G4UTrainer": "g4u",
+}
+
+
+def train(config=None, overrides: list[str] | tuple = ()) -> Path:
+    """Run training; `config` is a TrainConfig, a dict, a YAML path or a shipped config name. Returns the run dir."""
+    from .config import TrainConfig, load_train_config
+    from .g4u import G4UTrainer
+
+    if not isinstance(config, TrainConfig):
+        config = load_train_config(config, overrides)
+    elif overrides:
+        config = load_train_config(config.to_dict(), overrides)
+    trainers = {"g4u": G4UTrainer}
+    return trainers[config.stage](config).train()
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _CallableModule(types.ModuleType):
+    def __call__(self, *args, **kwargs):
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,66 @@
+"""`uae-fast train`: run a training stage from a shipped config or a YAML file, with `key=value` overrides."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["add_train_parser", "cmd_train"]
+
+# `--preset NAME` is shorthand for the shipped config of that model.
+PRESET_CONFIGS = {"tiny": "g4u_tiny", "uae-3b": "g4u_uae3b"}
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train (stage 2a: GRPO on the captioner)",
+        description="Train a UAE. Settings come from --config (a YAML file or a shipped config name) or --preset, "
+        "then from KEY=VALUE overrides with dotted keys, e.g. max_steps=4 decoder.steps=10 lora.r=16.",
+        epilog="Example: uae-fast train --preset tiny --out runs/tiny max_steps=20",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="YAML file, or a shipped config name (see --list-configs)")
+    source.add_argument("--preset", choices=sorted(PRESET_CONFIGS), help="the shipped config of a preset model")
+    source.add_argument("--list-configs", action="store_true", help="print the shipped configs and exit")
+    p.add_argument("--out", help="run folder: checkpoints, metrics.jsonl, tensorboard/, final/, report/")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        help="continue a run: the latest checkpoint in --out (no value) or a checkpoint folder",
+    )
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (dotted keys)")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from ..errors import ConfigError
+    from . import load_train_config, shipped_configs, train
+
+    if args.list_configs:
+        for name, path in shipped_configs().items():
+            print(f"{name}\t{path}")
+        return
+    overrides = list(args.overrides)
+    for text in overrides:
+        if "=" not in text:
+            raise ConfigError(f"unexpected argument {text!r}: overrides look like key=value (e.g. max_steps=4)")
+    if args.out is not None:
+        overrides.append(f"output_dir={args.out}")
+    if args.resume is not None:
+        overrides.append(f"resume={args.resume}")
+    config = load_train_config(args.config or PRESET_CONFIGS[args.preset], overrides)
+    if not config.output_dir:
+        raise ConfigError("no run folder: pass --out RUN_DIR (or output_dir=... in the config)")
+    _quiet()
+    run_dir = train(config)
+    print(f"uae-fast: run folder {run_dir} (metrics.jsonl, checkpoints, final/, report/index.html)", file=sys.stderr)
+
+
+def _quiet() -> None:
+    import diffusers
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    diffusers.logging.set_verbosity_error()

@@ -1,0 +1,401 @@
+"""Stage 2a, "generation for understanding": GRPO on the captioner, the frozen decoder as the reward environment.
+
+One step: draw B images → sample G captions each (`rollout`) → render every caption with the frozen decoder, the G
+captions of an image from the same initial noise (`reconstruct`) → reward = similarity of each reconstruction to
+its source, group advantages (`score`) → fused-loss GRPO update of the LoRA adapters (`update`). The reference
+policy is the base model with its adapters disabled; in `llm` conditioning the decoder also sees the base model
+(by default), so the environment does not move while the policy learns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError, ConfigError, UAEError
+from ..io import ensure_output_dir, write_text_atomic
+from ..rewards.reconstruction import ReconstructionReward
+from ..rl.grpo import GroupAdvantages, PackedCompletions, completion_logprobs, group_advantages, grpo_loss
+from ..rl.rollout_buffer import pack_sequences
+from .config import TrainConfig
+from .data import ImageDataset, TrainImage
+from .metrics import MetricsLogger
+from .policy import CaptionPolicy, Completions, ImageBatch
+from .state import (
+    check_same_config,
+    latest_checkpoint,
+    load_trainer_state,
+    prune_checkpoints,
+    restore_optimizer,
+    restore_rng,
+    save_checkpoint,
+)
+
+__all__ = ["RolloutBatch", "G4UTrainer"]
+
+
+@dataclass
+class RolloutBatch:
+    """One rollout of B images x G captions, image-major (sample g of image b at b * G + g)."""
+
+    images: list[TrainImage]  # B
+    encoded: ImageBatch  # B prompts + vision features
+    completions: Completions  # [B*G, T]
+    captions: list[str]  # B*G
+    noise_seeds: list[int]  # B*G, equal within a group
+    reconstructions: torch.Tensor | None = None  # [B*G, 3, H, W] in [0, 1]
+    rewards: torch.Tensor | None = None  # [B*G], NaN where invalid
+    advantages: torch.Tensor | None = None  # [B*G]
+    stats: GroupAdvantages | None = None
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across runs and machines, unlike hash())."""
+    return zlib.crc32(repr(parts).encode()) * 2654435761 % (2**63)
+
+
+class _Timer:
+    """Wall time of a phase, synchronising CUDA so asynchronous kernels are charged to the right phase."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
+
+
+class G4UTrainer:
+    """GRPO on the encoder (recipe: setup → [rollout → reconstruct → score] x accumulation → update → save).
+
+    Args:
+        config: the run's :class:`TrainConfig`.
+        uae: an already loaded :class:`uae_fast.api.UAE` to train (default: `uae_fast.load(config.model)`).
+    """
+
+    def __init__(self, config: TrainConfig, *, uae=None):
+        self.config = config
+        self.step = 0
+        self._setup(uae)
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self, uae) -> None:
+        from .. import api
+
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        self.uae = uae or api.load(cfg.model, conditioning=cfg.decoder.conditioning, device=cfg.device, seed=cfg.seed)
+        self.device = self.uae.device
+        self.policy = CaptionPolicy(self.uae.encoder, self.uae.processor, cfg.lora)
+        self.reward = ReconstructionReward.from_config(cfg.reward, device=self.device)
+        self.dataset = ImageDataset(cfg.data, seed=cfg.seed)
+        params = self.policy.trainable_parameters()
+        self.optimizer = torch.optim.AdamW(
+            params, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+
+    def _lr_factor(self, update: int) -> float:
+        cfg = self.config
+        if update < cfg.warmup_steps:
+            return (update + 1) / (cfg.warmup_steps + 1)
+        total = max(cfg.max_steps * cfg.num_iterations - cfg.warmup_steps, 1)
+        progress = min((update - cfg.warmup_steps) / total, 1.0)
+        if cfg.lr_scheduler == "linear":
+            return 1.0 - progress
+        if cfg.lr_scheduler == "cosine":
+            return 0.5 * (1.0 + torch.cos(torch.tensor(torch.pi * progress)).item())
+        return 1.0
+
+    # ------------------------------------------------------------------ phases
+    @torch.no_grad()
+    def rollout(self, images: list[TrainImage], chunk: int = 0) -> RolloutBatch:
+        """Encode each image once and sample G captions per image."""
+        cfg = self.config
+        encoded = self.policy.encode_images([im.image for im in images])
+        generator = torch.Generator(self.device).manual_seed(_seed(cfg.seed, self.step, chunk))
+        completions = self.policy.sample(
+            encoded,
+            cfg.num_generations,
+            max_new_tokens=cfg.max_completion_length,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            generator=generator,
+        )
+        g = cfg.num_generations
+        if cfg.decoder.fixed_noise:  # the same noise for an image at every step: a deterministic environment
+            seeds = [_seed(cfg.seed, zlib.crc32(im.key.encode())) for im in images]
+        else:
+            seeds = [_seed(cfg.seed, self.step, chunk, b) for b in range(len(images))]
+        return RolloutBatch(
+            images, encoded, completions, self.policy.decode(completions), [s for s in seeds for _ in range(g)]
+        )
+
+    def _conditioning_context(self):
+        """In llm mode the decoder's caption encoding runs the encoder's LLM: with adapters off by default."""
+        if self.config.decoder.conditioning == "llm" and not self.config.decoder.adapters_in_conditioning:
+            return self.policy.adapters_disabled()
+        self.uae._negative = None  # the negative prompt's embedding moves with the adapters: recompute it
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def reconstruct(self, batch: RolloutBatch) -> None:
+        """Render every caption; the G captions of an image share its initial noise."""
+        d = self.config.decoder
+        images = []
+        with self._conditioning_context():
+            for i in range(0, len(batch.captions), d.batch_size):
+                images.append(
+                    self.uae.generate_tensors(
+                        batch.captions[i : i + d.batch_size],
+                        seed=batch.noise_seeds[i : i + d.batch_size],
+                        steps=d.steps,
+                        guidance=d.guidance,
+                        size=d.size,
+                        allow_empty=True,  # the policy may say nothing; that earns its (low) reward
+                    )
+                )
+        batch.reconstructions = torch.cat(images)
+
+    @torch.no_grad()
+    def score(self, batch: RolloutBatch) -> None:
+        """Rewards (NaN where invalid: left out of the group statistics, advantage 0) and group advantages."""
+        cfg = self.config
+        out = self.reward(
+            [im.image for im in batch.images],
+            batch.reconstructions,
+            source_ids=[im.key for im in batch.images],
+            num_generations=cfg.num_generations,
+        )
+        batch.rewards = torch.where(out.valid, out.rewards, float("nan"))
+        batch.stats = group_advantages(batch.rewards, cfg.num_generations, cfg.loss.scale_rewards)
+        sign = -1.0 if cfg.negate_advantages else 1.0
+        batch.advantages = sign * batch.stats.advantages
+
+    def update(self, batches: list[RolloutBatch]) -> dict[str, float]:
+        """`num_iterations` optimizer steps on the rollouts, each accumulating gradients over packed micro-batches."""
+        cfg = self.config
+        encoded = ImageBatch.concat([b.encoded for b in batches])
+        rows, completions, advantages, offset = [], [], [], 0
+        for b in batches:
+            g = b.completions.num_generations
+            n = len(b.captions)
+            rows += [offset + i // g for i in range(n)]
+            completions += [b.completions.token_list(i) for i in range(n)]
+            advantages.append(b.advantages)
+            offset += len(b.images)
+        advantages = torch.cat(advantages).to(self.device)
+        lengths = [len(encoded.prompt_ids[r]) + len(c) for r, c in zip(rows, completions)]
+        # A zero advantage contributes nothing but its KL term: skip those sequences when beta is 0.
+        include = [bool(a != 0) or cfg.loss.beta > 0 for a in advantages.tolist()]
+        total_tokens = sum(len(c) for c in completions)
+        metrics: dict[str, list] = {}
+        if not any(include):
+            return {"loss": 0.0, "grad_norm": 0.0, "update/sequences": 0}
+        packed = pack_sequences(lengths, cfg.micro_batch_tokens, include=include, oversize="own_batch")
+        micro = [mb.sample_index.tolist() for mb in packed.batches]
+
+        def logprobs_of(index: list[int]) -> torch.Tensor:
+            hidden, tokens, _ = self.policy.completion_hidden(
+                encoded, [rows[i] for i in index], [completions[i] for i in index]
+            )
+            return completion_logprobs(hidden, self.policy.encoder.lm_head.weight, tokens, cfg.loss)[0]
+
+        ref, old = {}, {}
+        with torch.no_grad():
+            if cfg.loss.beta > 0:
+                with self.policy.adapters_disabled():
+                    ref = {k: logprobs_of(index) for k, index in enumerate(micro)}
+            if cfg.num_iterations > 1:  # on-policy otherwise: the ratio is exactly 1 and needs no old pass
+                old = {k: logprobs_of(index) for k, index in enumerate(micro)}
+
+        params = self.policy.trainable_parameters()
+        for _ in range(cfg.num_iterations):
+            for k, index in enumerate(micro):
+                hidden, tokens, seq = self.policy.completion_hidden(
+                    encoded, [rows[i] for i in index], [completions[i] for i in index]
+                )
+                batch = PackedCompletions(tokens, seq, len(index), old_logp=old.get(k), ref_logp=ref.get(k))
+                loss, _, m = grpo_loss(
+                    hidden, self.policy.encoder.lm_head.weight, batch, advantages[index], cfg.loss, total_tokens
+                )
+                if not torch.isfinite(loss):
+                    raise UAEError(
+                        f"step {self.step + 1}: the loss is {float(loss)}; the model diverged (non-finite rewards "
+                        "are masked out) — lower learning_rate"
+                    )
+                (loss * self._micro_scale(len(index), len(tokens), len(completions), total_tokens)).backward()
+                for key, value in m.items():
+                    metrics.setdefault(key, []).append((float(value), len(tokens)))
+                metrics.setdefault("loss", []).append((float(loss.detach()), len(tokens)))
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        out = {k: sum(v * w for v, w in vals) / max(sum(w for _, w in vals), 1) for k, vals in metrics.items()}
+        out["grad_norm"] = float(norm)
+        out["update/sequences"] = sum(include)
+        return out
+
+    def _micro_scale(self, seqs: int, tokens: int, total_seqs: int, total_tokens: int) -> float:
+        """Factor making the sum of micro-batch losses the loss of the whole batch, for every loss type."""
+        loss_type = self.config.loss.loss_type
+        if loss_type in ("grpo", "dr_grpo"):  # means over sequences
+            return seqs / total_seqs
+        if loss_type == "bnpo":  # mean over the micro-batch's tokens
+            return tokens / max(total_tokens, 1)
+        return 1.0  # dapo: already divided by the whole batch's token count
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict[str, float]:
+        """One rollout batch (x gradient_accumulation_steps) and its update. Returns the step's metrics."""
+        cfg = self.config
+        timer = _Timer(self.device)
+        batches = []
+        for chunk in range(cfg.gradient_accumulation_steps):
+            images = self.dataset.next_batch(cfg.images_per_step)
+            with timer("rollout"):
+                batch = self.rollout(images, chunk)
+            with timer("reconstruct"):
+                self.reconstruct(batch)
+            with timer("score"):
+                self.score(batch)
+            batches.append(batch)
+        with timer("update"):
+            update_metrics = self.update(batches)
+        self.step += 1
+        return {**self._rollout_metrics(batches), **update_metrics, **self._throughput(batches, timer.times)}
+
+    def _rollout_metrics(self, batches: list[RolloutBatch]) -> dict[str, float]:
+        rewards = torch.cat([b.rewards for b in batches])
+        valid = rewards[torch.isfinite(rewards)]
+        stds = torch.cat([b.stats.group_std for b in batches])
+        lengths = torch.cat([b.completions.lengths for b in batches]).float()
+        truncated = torch.cat([b.completions.truncated for b in batches]).float()
+        groups = sum(b.stats.group_std.numel() for b in batches)
+        out = {
+            "reward": float(valid.mean()) if valid.numel() else float("nan"),
+            "reward_std": float(stds.mean()),
+            "frac_reward_zero_std": sum(b.stats.num_zero_std_groups for b in batches) / groups,
+            "reward/invalid": sum(b.stats.num_invalid_rewards for b in batches),
+            "completions/mean_length": float(lengths.mean()),
+            "completions/median_length": float(lengths.median()),
+            "completions/clipped_ratio": float(truncated.mean()),
+            "learning_rate": self.scheduler.get_last_lr()[0],
+            "data/skipped_images": len(self.dataset.skipped),
+            "data/epoch": self.dataset.epoch,
+        }
+        refs = [im.reference_caption for b in batches for im in b.images if im.reference_caption is not None]
+        if refs:  # the paper's "aha moment": captions grow towards (and past) the reference captions' length
+            tok = self.policy.tokenizer
+            out["completions/reference_mean_length"] = statistics.mean(len(tok(r).input_ids) for r in refs)
+        return out
+
+    def _throughput(self, batches: list[RolloutBatch], times: dict[str, float]) -> dict[str, float]:
+        images = sum(len(b.images) for b in batches)
+        samples = sum(len(b.captions) for b in batches)
+        tokens = sum(int(b.completions.lengths.sum()) for b in batches)
+        out = {f"time/{k}": v for k, v in times.items()}
+        out["time/step"] = sum(times.values())
+        out["rollout/tokens_per_s"] = tokens / times["rollout"]
+        out["rollout/images_per_s"] = images / times["rollout"]
+        out["reconstruct/images_per_s"] = samples / times["reconstruct"]
+        out["score/images_per_s"] = samples / times["score"]
+        out["update/tokens_per_s"] = tokens * self.config.num_iterations / times["update"]
+        out["samples_per_s"] = samples / out["time/step"]
+        return out
+
+    # ------------------------------------------------------------------ checkpoints and the loop
+    def save(self, run_dir: Path) -> Path:
+        """Checkpoint `run_dir/checkpoint-<step>/` (adapter in the released layout + full trainer state)."""
+        folder = save_checkpoint(
+            Path(run_dir) / f"checkpoint-{self.step}",
+            peft_model=self.policy.peft_model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            step=self.step,
+            data_state=self.dataset.state_dict(),
+            config=self.config.to_dict(),
+        )
+        prune_checkpoints(Path(run_dir), self.config.save_total_limit)
+        return folder
+
+    def resume(self, folder: Path) -> None:
+        """Restore adapters, optimizer, scheduler, RNG, data position and step from a checkpoint folder."""
+        from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise CheckpointError(f"resume: checkpoint folder not found: {folder}")
+        state, tensors = load_trainer_state(folder)
+        check_same_config(folder, self.config.to_dict())
+        weights = load_peft_weights(str(folder / "llm_lora"), device=str(self.device))
+        result = set_peft_model_state_dict(self.policy.peft_model, weights)
+        missing = [k for k in getattr(result, "unexpected_keys", [])]
+        if missing:
+            raise CheckpointError(f"{folder}/llm_lora does not fit this model (first unexpected key: {missing[0]})")
+        restore_optimizer(self.optimizer, state, tensors)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.dataset.load_state_dict(state["data"])
+        restore_rng(tensors)
+        self.step = state["step"]
+
+    def _resume_folder(self, run_dir: Path) -> Path | None:
+        resume = self.config.resume
+        if resume is None:
+            return None
+        if resume == "auto":
+            return latest_checkpoint(run_dir)  # None: a fresh run, so `resume=auto` is safe to always pass
+        return Path(resume)
+
+    def train(self) -> Path:
+        """Train to `max_steps`, checkpointing, logging and writing the final model and report. Returns the run dir."""
+        from .report import write_report
+
+        cfg = self.config
+        if not cfg.output_dir:
+            raise ConfigError("output_dir is not set: where should checkpoints and metrics go? (uae-fast train --out)")
+        run_dir = ensure_output_dir(cfg.output_dir, option="output_dir")
+        folder = self._resume_folder(run_dir)
+        if folder is not None:
+            self.resume(folder)
+        write_text_atomic(run_dir / "config.yaml", _yaml(cfg.to_dict()))
+        logger = MetricsLogger(run_dir, total_steps=cfg.max_steps, start_step=self.step, tensorboard=cfg.tensorboard)
+        try:
+            while self.step < cfg.max_steps:
+                metrics = self.train_step()
+                if self.step % cfg.logging_steps == 0 or self.step == cfg.max_steps:
+                    logger.log(self.step, metrics)
+                logger.advance()
+                if cfg.save_steps and self.step % cfg.save_steps == 0:
+                    self.save(run_dir)
+        finally:
+            logger.close()
+        if not (run_dir / f"checkpoint-{self.step}").exists():
+            self.save(run_dir)
+        if self.dataset.skipped:
+            write_text_atomic(run_dir / "skipped.json", json.dumps(self.dataset.skipped, indent=2) + "\n")
+        if cfg.save_final_model:
+            self.uae.save_pretrained(run_dir / "final")
+        if cfg.report_images:
+            write_report(self, run_dir / "report", cfg.report_images)
+        return run_dir
+
+
+def _yaml(data: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,151 @@
+"""Trainer state on disk without pickles: tensors in safetensors, everything else in JSON; written atomically.
+
+A checkpoint folder holds `llm_lora/` (the PEFT adapter, released layout), `optimizer.safetensors` +
+`trainer_state.json` (optimizer/scheduler/RNG/data position/step) and `config.yaml` (the run's config, so a resume
+with a different one is refused).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError, ConfigError
+from ..io import atomic_dir
+
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "save_checkpoint",
+    "load_trainer_state",
+    "latest_checkpoint",
+    "prune_checkpoints",
+    "check_same_config",
+]
+
+CHECKPOINT_PREFIX = "checkpoint-"
+_STATE_FILE = "trainer_state.json"
+_TENSORS_FILE = "optimizer.safetensors"
+# Config keys a resumed run may change: where and how long it runs, how it logs; never what it learns.
+RESUMABLE_CHANGES = frozenset(
+    {"output_dir", "max_steps", "logging_steps", "save_steps", "save_total_limit", "report_images", "tensorboard",
+     "device", "resume", "save_final_model"}
+)  # fmt: skip
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split `optimizer.state_dict()` into tensors (safetensors) and JSON (param groups, scalar state)."""
+    tensors, scalars = {}, {}
+    for index, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("state."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    for name, value in meta["scalars"].items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    folder: Path,
+    *,
+    peft_model,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    step: int,
+    data_state: dict,
+    config: dict,
+    extra: dict | None = None,
+) -> Path:
+    """Write one checkpoint folder atomically (a crash mid-write leaves the previous checkpoints untouched)."""
+    tensors, optim_meta = _flatten_optimizer(optimizer.state_dict())
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    state = {
+        "step": step,
+        "optimizer": optim_meta,
+        "scheduler": scheduler.state_dict(),
+        "data": data_state,
+        "extra": extra or {},
+    }
+    with atomic_dir(folder) as tmp:
+        peft_model.save_pretrained(str(tmp / "llm_lora"), safe_serialization=True)
+        save_file(tensors, tmp / _TENSORS_FILE)
+        (tmp / _STATE_FILE).write_text(json.dumps(state, indent=1))
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return folder
+
+
+def load_trainer_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(state JSON, tensors) of a checkpoint; the caller restores them into its objects."""
+    for name in (_STATE_FILE, _TENSORS_FILE, "llm_lora", "config.yaml"):
+        if not (folder / name).exists():
+            raise CheckpointError(f"{folder} is not a complete training checkpoint: {name} is missing")
+    state = json.loads((folder / _STATE_FILE).read_text())
+    return state, load_file(folder / _TENSORS_FILE)
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict, tensors: dict[str, torch.Tensor]) -> None:
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+
+
+def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def check_same_config(folder: Path, config: dict) -> None:
+    """Refuse to resume a run whose learning-relevant settings differ from the checkpoint's."""
+    saved = yaml.safe_load((folder / "config.yaml").read_text())
+    diffs = sorted(_diff(saved, config, "", ignore=RESUMABLE_CHANGES))
+    if diffs:
+        shown = "; ".join(diffs[:5]) + (f" (+{len(diffs) - 5} more)" if len(diffs) > 5 else "")
+        raise ConfigError(f"cannot resume from {folder}: it was trained with a different config: {shown}")
+
+
+def _diff(a, b, prefix: str, ignore=frozenset()) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            if not prefix and key in ignore:
+                continue
+            out += _diff(a.get(key), b.get(key), f"{prefix}{key}.", ignore)
+        return out
+    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} in the checkpoint, {b!r} now"]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint of the highest step in a run folder, or None."""
+    found = [p for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and _step_of(p) is not None]
+    return max(found, key=_step_of) if found else None
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the `keep` most recent checkpoints."""
+    found = sorted((p for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*") if _step_of(p) is not None), key=_step_of)
+    for old in found[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _step_of(path: Path) -> int | None:
+    tail = path.name[len(CHECKPOINT_PREFIX) :]
+    return int(tail) if tail.isdigit() else None
