@@ -34,8 +34,9 @@ SCHEDULERS = ("constant", "linear", "cosine")
 
 @dataclass
 class DataConfig:
-    images: str | None = field(default=None, metadata={"help": "folder of training images (or use demo: true)"})
-    demo: bool = field(default=False, metadata={"help": "train on the bundled demo photographs"})
+    images: str = field(
+        default="demo", metadata={"help": "folder of training images, or 'demo' for the bundled photographs"}
+    )
     shuffle: bool = field(default=True, metadata={"help": "reshuffle the images every epoch (seeded)"})
     on_bad_image: str = field(default="skip", metadata={"help": "'skip' (count and go on) or 'abort'"})
     max_image_pixels: int = field(default=DEFAULT_MAX_IMAGE_PIXELS, metadata={"help": "refuse larger images"})
@@ -43,10 +44,12 @@ class DataConfig:
     def __post_init__(self):
         if self.on_bad_image not in ("skip", "abort"):
             raise ConfigError(f"data.on_bad_image must be 'skip' or 'abort', got {self.on_bad_image!r}")
-        if self.images is None and not self.demo:
-            raise ConfigError("no training data: set data.images=/path/to/folder or data.demo=true")
-        if self.images is not None and self.demo:
-            raise ConfigError("set either data.images or data.demo, not both")
+        if not self.images:
+            raise ConfigError("no training data: set data.images=/path/to/folder (or data.images=demo)")
+
+    @property
+    def demo(self) -> bool:
+        return self.images == "demo"
 
 
 @dataclass
@@ -105,7 +108,7 @@ class TrainConfig:
     output_dir: str | None = field(default=None, metadata={"help": "run folder (checkpoints, metrics, report)"})
     seed: int = field(default=0, metadata={"help": "seeds the model preset, data order, sampling and noise"})
     device: str | None = field(default=None, metadata={"help": "cuda / cpu (default: cuda when available)"})
-    data: DataConfig = field(default_factory=lambda: DataConfig(demo=True))
+    data: DataConfig = field(default_factory=DataConfig)
     # rollout
     batch_size: int = field(default=32, metadata={"help": "completions per step (images x num_generations)"})
     num_generations: int = field(default=8, metadata={"help": "captions sampled per image (G)"})

@@ -91,7 +91,11 @@ class CaptionPolicy:
 
         self.encoder.requires_grad_(False)
         if hasattr(self.encoder.model, "peft_config"):
-            raise ConfigError("the encoder already carries a LoRA adapter; train from a model without llm_lora/")
+            # A checkpoint with llm_lora/ (the release, or one of our runs): keep training that adapter, with its
+            # own rank and targets. The reference (adapters off) is then the base model under it.
+            for name, param in self.encoder.model.named_parameters():
+                param.requires_grad_("lora_" in name or ".modules_to_save." in name)
+            return
         language_model = self.encoder.model.language_model
         targets = [
             f"language_model.{name}" for name, m in language_model.named_modules() if isinstance(m, torch.nn.Linear)

@@ -1,0 +1,211 @@
+"""Stage 2a trainer: update arithmetic, reference/conditioning with adapters off, bad input, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import uae_fast
+from uae_fast.errors import CheckpointError, ConfigError, ImageLoadError
+from uae_fast.train import G4UTrainer, load_train_config
+
+
+def make(tmp_path, *overrides, uae=None):
+    base = [
+        f"output_dir={tmp_path}",
+        "batch_size=8",
+        "num_generations=4",
+        "max_steps=2",
+        "decoder.steps=2",
+        "report_images=0",
+        "save_final_model=false",
+        "tensorboard=false",
+    ]
+    return G4UTrainer(load_train_config("g4u_tiny", [*base, *overrides]), uae=uae)
+
+
+def _lora_state(trainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.policy.encoder.named_parameters() if p.requires_grad}
+
+
+def _sgd_delta(trainer) -> dict[str, torch.Tensor]:
+    """Parameter change of one update with plain SGD (lr 1): minus the accumulated gradient, unnormalised."""
+    params = trainer.policy.trainable_parameters()
+    trainer.optimizer = torch.optim.SGD(params, lr=1.0)
+    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda _: 1.0)
+    before = _lora_state(trainer)
+    batch = trainer.rollout(trainer.dataset.next_batch(trainer.config.images_per_step))
+    trainer.reconstruct(batch)
+    trainer.score(batch)
+    trainer.update([batch])
+    return {n: p - before[n] for n, p in _lora_state(trainer).items()}
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_micro_batches_add_up_to_the_whole_batch(tmp_path, loss_type):
+    """Gradient accumulation over one-sequence micro-batches == one pass over the whole batch, per loss type."""
+    common = [f"loss.loss_type={loss_type}", "max_grad_norm=0"]
+    whole = _sgd_delta(make(tmp_path / "a", *common, "micro_batch_tokens=100000"))
+    split = _sgd_delta(make(tmp_path / "b", *common, "micro_batch_tokens=1"))  # every sequence on its own
+    assert any(d.abs().max() > 0 for d in whole.values())
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], atol=1e-6, rtol=1e-4)
+
+
+def test_kl_is_zero_at_the_start_and_positive_later(tmp_path):
+    trainer = make(tmp_path, "loss.beta=0.1", "max_steps=4")
+    first = trainer.train_step()
+    assert abs(first["kl"]) < 1e-6  # LoRA B starts at 0: the policy is its reference
+    later = [trainer.train_step()["kl"] for _ in range(3)]
+    assert later[-1] > 1e-6
+
+
+def test_num_iterations_reuses_the_rollout(tmp_path):
+    trainer = make(tmp_path, "num_iterations=2")
+    metrics = trainer.train_step()
+    assert trainer.scheduler.last_epoch == 2  # two optimizer steps on one rollout
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values() if isinstance(v, float))
+    assert "clip_ratio/region_mean" in metrics
+
+
+def test_group_shares_noise_and_step_reports_every_phase(tmp_path):
+    trainer = make(tmp_path)
+    batch = trainer.rollout(trainer.dataset.next_batch(2))
+    assert batch.noise_seeds[:4] == [batch.noise_seeds[0]] * 4 and batch.noise_seeds[4] != batch.noise_seeds[0]
+    metrics = trainer.train_step()
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "entropy", "completions/mean_length",
+                "completions/median_length", "time/rollout", "time/reconstruct", "time/score", "time/update",
+                "rollout/tokens_per_s", "reconstruct/images_per_s", "samples_per_s"):  # fmt: skip
+        assert key in metrics, key
+
+
+def test_conditioning_uses_the_base_model(tmp_path):
+    """By default the decoder sees the frozen base LLM, however far the adapters have moved."""
+    trainer = make(tmp_path)
+    with torch.no_grad():
+        for name, p in trainer.policy.encoder.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(torch.randn_like(p))
+    batch = trainer.rollout(trainer.dataset.next_batch(2))
+    trainer.reconstruct(batch)
+    fresh = uae_fast.load("tiny", device="cpu")
+    expected = fresh.generate_tensors(batch.captions, seed=batch.noise_seeds, steps=2, guidance=1.0, size=64,
+                                      allow_empty=True)  # fmt: skip
+    torch.testing.assert_close(batch.reconstructions, expected, atol=1e-5, rtol=0)
+    moving = make(tmp_path / "m", "decoder.adapters_in_conditioning=true", uae=trainer.uae)
+    moving.reconstruct(batch)
+    assert not torch.allclose(batch.reconstructions, expected, atol=1e-4)
+
+
+class _EditedReward:
+    """Wraps the trainer's reward and edits its output (invalid samples, constant rewards)."""
+
+    def __init__(self, reward, edit):
+        self.reward, self.edit = reward, edit
+
+    def __call__(self, *args, **kwargs):
+        out = self.reward(*args, **kwargs)
+        self.edit(out)
+        return out
+
+
+def test_nan_rewards_are_masked_and_counted(tmp_path):
+    trainer = make(tmp_path)
+
+    def invalidate(out):
+        out.valid[::3] = False
+
+    trainer.reward = _EditedReward(trainer.reward, invalidate)
+    batch = trainer.rollout(trainer.dataset.next_batch(2))
+    trainer.reconstruct(batch)
+    trainer.score(batch)
+    assert torch.isnan(batch.rewards[::3]).all() and (batch.advantages[::3] == 0).all()
+    assert batch.stats.num_invalid_rewards == 3
+    metrics = trainer.train_step()
+    assert metrics["reward/invalid"] == 3 and torch.isfinite(torch.tensor(metrics["loss"]))
+
+
+def test_all_equal_rewards_skip_the_update(tmp_path):
+    trainer = make(tmp_path)
+
+    def constant(out):
+        out.rewards.fill_(0.5)
+
+    trainer.reward = _EditedReward(trainer.reward, constant)
+    before = _lora_state(trainer)
+    metrics = trainer.train_step()
+    assert metrics["frac_reward_zero_std"] == 1.0 and metrics["update/sequences"] == 0
+    assert all(torch.equal(p, before[n]) for n, p in _lora_state(trainer).items())
+
+
+def _image_folder(path, demo, bad: bool):
+    path.mkdir()
+    for i, image in enumerate(demo):
+        image.save(path / f"img{i}.png")
+    if bad:
+        (path / "img1b.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return path
+
+
+def test_bad_image_mid_run_is_skipped_and_counted(tmp_path, demo):
+    folder = _image_folder(tmp_path / "data", demo, bad=True)
+    trainer = make(tmp_path / "run", f"data.images={folder}", "data.shuffle=false")
+    trainer.train()  # step 2 draws img1b.jpg (file order), skips it and fills the batch with img2
+    skipped = json.loads((tmp_path / "run" / "skipped.json").read_text())
+    assert [s["image"] for s in skipped] == ["img1b.jpg"]
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["data/skipped_images"] == 1
+
+
+def test_bad_image_can_abort(tmp_path, demo):
+    folder = _image_folder(tmp_path / "data", demo, bad=True)
+    trainer = make(tmp_path / "run", f"data.images={folder}", "data.shuffle=false", "data.on_bad_image=abort")
+    trainer.train_step()
+    with pytest.raises(ImageLoadError, match="img1b.jpg"):
+        trainer.train_step()
+
+
+def test_empty_dataset_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="data.images: .*no image files"):
+        make(tmp_path / "run", f"data.images={tmp_path / 'empty'}")
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_is_exact(tmp_path):
+    """4 steps straight == 2 steps, a crash, then resume to 4: same adapter weights, bit for bit (CPU, fp32)."""
+    common = ["max_steps=4", "save_steps=2", "lora.dropout=0.1"]  # dropout: the global RNG must be restored too
+    straight = make(tmp_path / "a", *common)
+    straight.train()
+
+    interrupted = make(tmp_path / "b", *common)
+    step = interrupted.train_step
+
+    def crash_after_two():
+        if interrupted.step == 2:
+            raise _Killed
+        return step()
+
+    interrupted.train_step = crash_after_two
+    with pytest.raises(_Killed):
+        interrupted.train()
+    resumed = make(tmp_path / "b", *common, "resume=auto")
+    resumed.train()
+    assert resumed.step == 4
+    a, b = _lora_state(straight), _lora_state(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    make(tmp_path, "max_steps=1").train()
+    with pytest.raises(ConfigError, match="different config: learning_rate"):
+        make(tmp_path, "max_steps=2", "learning_rate=0.1", "resume=auto").train()
+    with pytest.raises(CheckpointError, match="not found"):
+        make(tmp_path, "max_steps=2", f"resume={tmp_path / 'nope'}").train()

@@ -1,0 +1,38 @@
+"""Stage 2a learns, shown against a control (issue 6's criterion, `../shared/STACK-NOTES.md`).
+
+Same seed twice — once as is, once with the advantages negated. σ₀ = within-group reward std at step 0, Δ = mean
+reward of the last 5 steps − the first 5. Pass: Δ(+) ≥ 1.5σ₀ and Δ(+) − Δ(−) ≥ 3σ₀. A rising reward alone would
+prove nothing (a collapsing policy can lift a low reward too); the negated run must do clearly worse.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from uae_fast.train import G4UTrainer, load_train_config
+
+
+def _rewards(tmp_path, seed: int, negate: bool) -> tuple[list[float], float]:
+    config = load_train_config(
+        "g4u_tiny", [f"output_dir={tmp_path}", f"seed={seed}", f"negate_advantages={str(negate).lower()}"]
+    )
+    assert config.max_steps == 40  # the shipped tiny config is what is tested
+    trainer = G4UTrainer(config)
+    metrics = [trainer.train_step() for _ in range(config.max_steps)]
+    return [m["reward"] for m in metrics], metrics[0]["reward_std"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_reward_rises_with_advantages_and_not_against_them(tmp_path, seed):
+    plus, sigma0 = _rewards(tmp_path / "plus", seed, negate=False)
+    minus, _ = _rewards(tmp_path / "minus", seed, negate=True)
+
+    def delta(r):
+        return statistics.mean(r[-5:]) - statistics.mean(r[:5])
+
+    assert sigma0 > 0
+    gain, control = delta(plus) / sigma0, delta(minus) / sigma0
+    assert gain >= 1.5, f"Δ(+) = {gain:.2f}σ₀ < 1.5σ₀"
+    assert gain - control >= 3.0, f"Δ(+) − Δ(−) = {gain - control:.2f}σ₀ < 3σ₀ (Δ(−) = {control:.2f}σ₀)"
