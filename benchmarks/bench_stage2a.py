@@ -8,9 +8,16 @@ no CFG, one noise seed per source image) -> DINOv2-feature cosine with the sourc
 backbone). Vision/chat special tokens are suppressed when sampling in both (a sampled <|image_pad|> breaks the next
 forward).
 
+TRL rows (GRPOConfig defaults otherwise, e.g. gradient checkpointing on): `trl` (the peer of the ratio columns) scores
+only the completion positions in TRL's fused LM head, as TRL does on CUDA; `trl-cpu` is TRL as shipped on a CPU,
+where that head projects every position (prompt + 256 image tokens) over the whole vocabulary — ~15x slower and
+~4x the peak memory here, so it is opt-in (`--variants trl-cpu trl ours`). TRL's policy and the reward's frozen
+decoder (with its own copy of the conditioning LLM) are separate models, as a TRL user would have them.
+
 Each variant runs in a fresh child process (CPU, --threads torch threads): build the trainer, reset the peak-RSS
 counter (baseline = models and trainer loaded), run --warmup steps, then --steps timed steps. Reported: samples/s =
-32 / median step time, per-phase medians, peak RSS above the baseline and in total, and ours/TRL ratios (targets:
+32 / median step time, its CPU time (less sensitive to other load on shared cores, but it counts threads spinning),
+per-phase medians, peak RSS above the baseline and in total, and ours/TRL ratios (targets:
 >= 2x samples/s, <= 0.5x peak). Children alternate TRL, ours, TRL, ... for --rounds rounds; times are medians over
 all timed steps of all rounds, memory the median peak over rounds.
 
@@ -24,6 +31,7 @@ backward over the gradient-accumulation micro-batches, optimizer).
     python benchmarks/bench_stage2a.py            # 32 new tokens, 1 warm-up + 4 timed steps, 2 rounds: ~10-15 min
     python benchmarks/bench_stage2a.py --quick    # 16 new tokens, 1 warm-up + 2 timed steps, 1 round: a few min
     python benchmarks/bench_stage2a.py --variants trl --workdir /tmp/uae_s2a   # one row, reuse the built inputs
+    python benchmarks/bench_stage2a.py --quick --src .   # ours from this checkout (uae_fast.train not installed yet)
 """
 
 from __future__ import annotations
@@ -204,7 +212,7 @@ def run_trl(paths: dict, args, compact: bool = True) -> dict:
         def on_step_begin(self, *_, **__):
             times.clear()
             reward.times.update(reconstruct=0.0, score=0.0)
-            self.start = time.perf_counter()
+            self.start, self.cpu = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *_, **__):
             total = time.perf_counter() - self.start
@@ -214,6 +222,7 @@ def run_trl(paths: dict, args, compact: bool = True) -> dict:
             steps.append(
                 {
                     "step": total,
+                    "cpu": time.process_time() - self.cpu,
                     "generation": gen,
                     "reconstruct": rec,
                     "score": score,
@@ -292,16 +301,16 @@ def run_ours(paths: dict, args) -> dict:
         baseline = current_rss_mb()
         steps = []
         for _ in range(args.warmup + args.steps):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             metrics = trainer.train_step()
-            total = time.perf_counter() - start
+            total, cpu = time.perf_counter() - start, time.process_time() - cpu
             phases = {
                 "generation": metrics.get("time/rollout", float("nan")),
                 "reconstruct": metrics.get("time/reconstruct", float("nan")),
                 "score": metrics.get("time/score", float("nan")),
                 "update": metrics.get("time/update", float("nan")),
             }
-            steps.append({"step": total, **phases, "other": total - sum(phases.values())})
+            steps.append({"step": total, "cpu": cpu, **phases, "other": total - sum(phases.values())})
         peak = peak_rss_mb()
     return {"steps": steps[args.warmup :], "baseline_mb": baseline, "peak_mb": peak}
 
@@ -363,6 +372,7 @@ def _row(name: str, s: dict, peer: dict | None) -> dict:
         "variant": name,
         "samples/s": f"{n / s['step']:.2f}",
         "step (s)": f"{s['step']:.2f}",
+        "step CPU (s)": f"{s['cpu']:.1f}",
         "generation (s)": f"{s['generation']:.2f}",
         "reconstruct (s)": f"{s['reconstruct']:.2f}",
         "score (s)": f"{s['score']:.2f}",
