@@ -11,7 +11,7 @@ forward).
 TRL rows (GRPOConfig defaults otherwise, e.g. gradient checkpointing on): `trl` (the peer of the ratio columns) scores
 only the completion positions in TRL's fused LM head, as TRL does on CUDA; `trl-cpu` is TRL as shipped on a CPU,
 where that head projects every position (prompt + 256 image tokens) over the whole vocabulary — ~15x slower and
-~4x the peak memory here, so it is opt-in (`--variants trl-cpu trl ours`). TRL's policy and the reward's frozen
+~5x the added peak memory here, so it is opt-in (`--variants trl-cpu trl ours`). TRL's policy and the reward's frozen
 decoder (with its own copy of the conditioning LLM) are separate models, as a TRL user would have them.
 
 Each variant runs in a fresh child process (CPU, --threads torch threads): build the trainer, reset the peak-RSS
@@ -24,9 +24,9 @@ all timed steps of all rounds, memory the median peak over rounds.
 Phases. Ours: the trainer's own "time/rollout", "time/reconstruct", "time/score", "time/update". TRL: timers
 wrapped around `GRPOTrainer._generate` (prompt templating + image processing + `generate` + decoding: "generation"),
 around the reward function (decoder: "reconstruct"; reward model: "score"), and around
-`_generate_and_score_completions` (the rest of it — image processing for the loss forward, advantages — is
-"other"); "update" = optimizer-step wall time minus `_generate_and_score_completions` (log-prob forward, loss,
-backward over the gradient-accumulation micro-batches, optimizer).
+`_generate_and_score_completions` (the rest of it — image processing for the loss forward, advantages — plus the
+batch fetch (`get_batch_samples`) is "other"); "update" = optimizer-step wall time minus those (log-prob forward,
+loss, backward over the gradient-accumulation micro-batches, optimizer).
 
     python benchmarks/bench_stage2a.py            # 32 new tokens, 1 warm-up + 4 timed steps, 2 rounds: ~10-15 min
     python benchmarks/bench_stage2a.py --quick    # 16 new tokens, 1 warm-up + 2 timed steps, 1 round: a few min
@@ -209,14 +209,20 @@ def run_trl(paths: dict, args, compact: bool = True) -> dict:
     steps: list[dict] = []
 
     class StepTimer(TrainerCallback):
-        def on_step_begin(self, *_, **__):
+        """One optimizer step = from the end of the previous one (so the batch fetch, done before TRL's
+        `on_step_begin`, is counted) to this one's `on_step_end`."""
+
+        def _restart(self):
             times.clear()
             reward.times.update(reconstruct=0.0, score=0.0)
             self.start, self.cpu = time.perf_counter(), time.process_time()
 
+        def on_train_begin(self, *_, **__):
+            self._restart()
+
         def on_step_end(self, *_, **__):
             total = time.perf_counter() - self.start
-            prep = times.get("generate_and_score", 0.0)
+            prep, data = times.get("generate_and_score", 0.0), times.get("data", 0.0)
             gen = times.get("generation", 0.0)
             rec, score = reward.times["reconstruct"], reward.times["score"]
             steps.append(
@@ -226,10 +232,11 @@ def run_trl(paths: dict, args, compact: bool = True) -> dict:
                     "generation": gen,
                     "reconstruct": rec,
                     "score": score,
-                    "other": prep - gen - rec - score,
-                    "update": total - prep,
+                    "other": prep - gen - rec - score + data,
+                    "update": total - prep - data,
                 }
             )
+            self._restart()
 
     with tempfile.TemporaryDirectory(prefix="bench_stage2a_trl_") as out:
         trainer = GRPOTrainer(
@@ -241,6 +248,7 @@ def run_trl(paths: dict, args, compact: bool = True) -> dict:
             peft_config=LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=LM_LINEAR),
             callbacks=[StepTimer()],
         )
+        trainer.get_batch_samples = _Timed(trainer.get_batch_samples, times, "data")
         trainer._generate = _Timed(trainer._generate, times, "generation")
         trainer._generate_and_score_completions = _Timed(
             trainer._generate_and_score_completions, times, "generate_and_score"
