@@ -1,0 +1,461 @@
+"""Stage-2a GRPO step: our trainer (`uae_fast.train.G4UTrainer`) vs TRL's `GRPOTrainer`, same model, same reward.
+
+Model: the realistic-tiny UAE of `stage2a_setup.py` — Qwen's 151,936-entry vocabulary, 448 x 448 images (256 image
+tokens), small widths elsewhere. One optimizer step = 4 images x G=8 captions of at most --max-tokens new tokens,
+temperature 0.7, LoRA r=32 alpha=64 on every linear layer of the language model, lr 1e-5, beta 0 (no reference
+model), DAPO loss. The reward is the same function for both: captions -> our frozen decoder (64 px, 4 Euler steps,
+no CFG, one noise seed per source image) -> DINOv2-feature cosine with the source (`ReconstructionReward`, tiny
+backbone). Vision/chat special tokens are suppressed when sampling in both (a sampled <|image_pad|> breaks the next
+forward).
+
+TRL rows (GRPOConfig defaults otherwise, e.g. gradient checkpointing on): `trl` (the peer of the ratio columns) scores
+only the completion positions in TRL's fused LM head, as TRL does on CUDA; `trl-cpu` is TRL as shipped on a CPU,
+where that head projects every position (prompt + 256 image tokens) over the whole vocabulary — ~15x slower and
+~5x the added peak memory here, so it is opt-in (`--variants trl-cpu trl ours`). TRL's policy and the reward's frozen
+decoder (with its own copy of the conditioning LLM) are separate models, as a TRL user would have them.
+
+Each variant runs in a fresh child process (CPU, --threads torch threads): build the trainer, reset the peak-RSS
+counter (baseline = models and trainer loaded), run --warmup steps, then --steps timed steps. Reported: samples/s =
+32 / median step time, its CPU time (less sensitive to other load on shared cores, but it counts threads spinning),
+per-phase medians, peak RSS above the baseline and in total, and ours/TRL ratios (targets:
+>= 2x samples/s, <= 0.5x peak). Children alternate TRL, ours, TRL, ... for --rounds rounds; times are medians over
+all timed steps of all rounds, memory the median peak over rounds.
+
+Phases. Ours: the trainer's own "time/rollout", "time/reconstruct", "time/score", "time/update". TRL: timers
+wrapped around `GRPOTrainer._generate` (prompt templating + image processing + `generate` + decoding: "generation"),
+around the reward function (decoder: "reconstruct"; reward model: "score"), and around
+`_generate_and_score_completions` (the rest of it — image processing for the loss forward, advantages — plus the
+batch fetch (`get_batch_samples`) is "other"); "update" = optimizer-step wall time minus those (log-prob forward,
+loss, backward over the gradient-accumulation micro-batches, optimizer).
+
+    python benchmarks/bench_stage2a.py            # 32 new tokens, 1 warm-up + 4 timed steps, 2 rounds: ~10-15 min
+    python benchmarks/bench_stage2a.py --quick    # 16 new tokens, 1 warm-up + 2 timed steps, 1 round: a few min
+    python benchmarks/bench_stage2a.py --variants trl --workdir /tmp/uae_s2a   # one row, reuse the built inputs
+    python benchmarks/bench_stage2a.py --quick --src .   # ours from this checkout (uae_fast.train not installed yet)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from utils import (  # noqa: E402
+    child_report,
+    current_rss_mb,
+    fmt_ratio,
+    markdown_table,
+    measure_peak_in_child,
+    peak_rss_mb,
+    reset_peak_rss,
+)
+
+__all__ = ["DecoderReward", "run_trl", "run_ours", "main"]
+
+BATCH, GENERATIONS = 4, 8  # source images per step, captions per image
+TEMPERATURE, LEARNING_RATE, LORA_R, LORA_ALPHA = 0.7, 1e-5, 32, 64
+DECODER = {"steps": 4, "size": 64, "guidance": 1.0}
+# Every linear layer of the language model (Qwen2 blocks); the vision tower (`qkv`, `proj`, `fc1`/`fc2`... in
+# `visual.*`), the projector and the LM head stay frozen. Matches `uae_fast`'s "all-linear on the LLM".
+LM_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+class DecoderReward:
+    """captions -> frozen UAE decoder -> ReconstructionReward against the source image; accumulates phase times.
+
+    Args:
+        checkpoint: UAE checkpoint folder (its decoder and llm-conditioning encoder are used, frozen).
+        dinov2: Folder of the DINOv2 reward backbone.
+        seed: Base noise seed; the captions of source `i` all use noise seed `seed + i`.
+    """
+
+    def __init__(self, checkpoint: str, dinov2: str, seed: int = 0):
+        import uae_fast
+        from uae_fast.rewards import ReconstructionReward, RewardConfig
+
+        self.uae = uae_fast.load(checkpoint, device="cpu")
+        self.reward = ReconstructionReward.from_config(
+            RewardConfig(weights={"dinov2": 1.0}, backbones={"dinov2": dinov2}), device="cpu"
+        )
+        self.seed = seed
+        self.times = {"reconstruct": 0.0, "score": 0.0}
+
+    def __call__(self, captions: list[str], sources: list, source_ids: list[int]) -> list[float]:
+        """Rewards of N captions; `sources[i]` (PIL) is the image caption i describes, `source_ids[i]` its id."""
+        start = time.perf_counter()
+        images = self.uae.generate_tensors(
+            captions, seed=[self.seed + i for i in source_ids], allow_empty=True, **DECODER
+        )  # [N, 3, 64, 64]
+        mid = time.perf_counter()
+        # One "group" per caption: any order of captions works; source features are cached by id.
+        out = self.reward(sources, images, source_ids=list(source_ids), num_generations=1)
+        rewards = out.rewards.tolist()
+        self.times["reconstruct"] += mid - start
+        self.times["score"] += time.perf_counter() - mid
+        return rewards
+
+    def trl_reward_func(self):
+        """The same reward as a TRL reward function: `(prompts, completions, **kwargs) -> list[float]`.
+
+        TRL passes every dataset column except "prompt" as a keyword list with one entry per completion: here
+        `image` (the PIL source) and `image_id`.
+        """
+
+        def reconstruction_reward(prompts, completions, image, image_id, **kwargs):
+            captions = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+            return self([c.strip() for c in captions], image, image_id)
+
+        return reconstruction_reward
+
+
+def _load_images(folder: str) -> list:
+    from PIL import Image
+
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    return [Image.open(p).convert("RGB") for p in paths]
+
+
+def _quiet() -> None:
+    import warnings
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore")
+
+
+class _Timed:
+    """Wrap a bound method so every call adds its wall time to `times[name]`."""
+
+    def __init__(self, fn, times: dict, name: str):
+        self.fn, self.times, self.name = fn, times, name
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.times[self.name] = self.times.get(self.name, 0.0) + time.perf_counter() - start
+
+
+def _trl_config(args, output_dir: str):
+    from trl import GRPOConfig
+
+    micro = args.trl_micro_batch
+    if (BATCH * GENERATIONS) % micro:
+        raise SystemExit(f"--trl-micro-batch must divide {BATCH * GENERATIONS}")
+    return GRPOConfig(
+        output_dir=output_dir,
+        use_cpu=True,
+        bf16=False,
+        num_generations=GENERATIONS,
+        per_device_train_batch_size=micro,  # completions per loss micro-batch
+        gradient_accumulation_steps=BATCH * GENERATIONS // micro,  # -> 32 completions (4 images) per optimizer step
+        max_completion_length=args.max_tokens,
+        temperature=TEMPERATURE,
+        beta=0.0,
+        learning_rate=LEARNING_RATE,
+        loss_type="dapo",
+        max_steps=args.warmup + args.steps,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        log_completions=False,
+        seed=args.seed,
+        data_seed=args.seed,
+        dataloader_num_workers=0,
+        # Our sampler never emits vision/chat special tokens; give TRL's `generate` the same constraint.
+        generation_kwargs={"suppress_tokens": args.suppress_tokens},
+    )
+
+
+def run_trl(paths: dict, args, compact: bool = True) -> dict:
+    """TRL's GRPOTrainer row: per-step total and phase times, plus memory figures.
+
+    compact: score only the completion positions in TRL's fused LM head, as TRL does on CUDA/XPU. As shipped, on a
+        CPU TRL 1.16 projects *every* position (prompt and 256 image tokens included) through the 151,936-wide head
+        (`add_fused_lm_head` keeps fixed tile shapes off Triton devices), ~20x the head work of this benchmark's
+        completions. The switch flips TRL's one device test (`trl.trainer.utils._use_triton`) for that call only.
+    """
+    import torch
+    import trl.trainer.utils as trl_utils
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration, TrainerCallback
+    from trl import GRPOTrainer
+
+    from uae_fast.models.encoder import caption_messages, special_token_ids_to_suppress
+
+    llm = Path(paths["checkpoint"]) / "llm"
+    processor = AutoProcessor.from_pretrained(llm)
+    processor.tokenizer.padding_side = "left"
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(llm, dtype=torch.float32)
+    eos = list(model.generation_config.eos_token_id)
+    args.suppress_tokens = special_token_ids_to_suppress(processor.tokenizer, keep=eos)
+    reward = DecoderReward(paths["checkpoint"], paths["dinov2"], seed=args.seed)
+    images = _load_images(paths["images"])[:BATCH]
+    dataset = Dataset.from_list(
+        [{"prompt": caption_messages(), "image": im, "image_id": i} for i, im in enumerate(images)]
+    )
+    times: dict[str, float] = {}
+    steps: list[dict] = []
+
+    class StepTimer(TrainerCallback):
+        """One optimizer step = from the end of the previous one (so the batch fetch, done before TRL's
+        `on_step_begin`, is counted) to this one's `on_step_end`."""
+
+        def _restart(self):
+            times.clear()
+            reward.times.update(reconstruct=0.0, score=0.0)
+            self.start, self.cpu = time.perf_counter(), time.process_time()
+
+        def on_train_begin(self, *_, **__):
+            self._restart()
+
+        def on_step_end(self, *_, **__):
+            total = time.perf_counter() - self.start
+            prep, data = times.get("generate_and_score", 0.0), times.get("data", 0.0)
+            gen = times.get("generation", 0.0)
+            rec, score = reward.times["reconstruct"], reward.times["score"]
+            steps.append(
+                {
+                    "step": total,
+                    "cpu": time.process_time() - self.cpu,
+                    "generation": gen,
+                    "reconstruct": rec,
+                    "score": score,
+                    "other": prep - gen - rec - score + data,
+                    "update": total - prep - data,
+                }
+            )
+            self._restart()
+
+    with tempfile.TemporaryDirectory(prefix="bench_stage2a_trl_") as out:
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=reward.trl_reward_func(),
+            args=_trl_config(args, out),
+            train_dataset=dataset,
+            processing_class=processor,
+            peft_config=LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=LM_LINEAR),
+            callbacks=[StepTimer()],
+        )
+        trainer.get_batch_samples = _Timed(trainer.get_batch_samples, times, "data")
+        trainer._generate = _Timed(trainer._generate, times, "generation")
+        trainer._generate_and_score_completions = _Timed(
+            trainer._generate_and_score_completions, times, "generate_and_score"
+        )
+        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        if compact:
+            trl_utils._use_triton = lambda device: True  # read only for the compact flag in TRL's fused head
+        reset_peak_rss()
+        baseline = current_rss_mb()
+        trainer.train()
+        peak = peak_rss_mb()
+    return {"steps": steps[args.warmup :], "baseline_mb": baseline, "peak_mb": peak, "trainable": trainable}
+
+
+def _ours_config(paths: dict, args, output_dir: str):
+    """TrainConfig for 4 images x G=8 per step, whichever meaning `batch_size` has (images or completions)."""
+    import dataclasses
+
+    from uae_fast.train import TrainConfig
+
+    base = {
+        "model": paths["checkpoint"],
+        "output_dir": output_dir,
+        "seed": args.seed,
+        "data": {"images": paths["images"]},
+        "num_generations": GENERATIONS,
+        "max_completion_length": args.max_tokens,
+        "temperature": TEMPERATURE,
+        "decoder": dict(DECODER),
+        "reward": {"weights": {"dinov2": 1.0}, "backbones": {"dinov2": paths["dinov2"]}},
+        "lora": {"r": LORA_R, "alpha": LORA_ALPHA},
+        "learning_rate": LEARNING_RATE,
+        "max_steps": args.warmup + args.steps,
+    }
+    # Side outputs a benchmark does not want, set only where the config has them (unknown keys raise).
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    base.update({k: v for k, v in {"tensorboard": False, "report_images": 0}.items() if k in names})
+    errors = []
+    for batch_size in (BATCH, BATCH * GENERATIONS):
+        try:
+            config = TrainConfig.from_dict({**base, "batch_size": batch_size})
+        except Exception as exc:  # the other meaning of batch_size may be invalid (e.g. not a multiple of G)
+            errors.append(f"batch_size={batch_size}: {exc}")
+            continue
+        if getattr(config, "images_per_step", BATCH) == BATCH:
+            return config
+        errors.append(f"batch_size={batch_size}: {config.images_per_step} images per step")
+    raise RuntimeError(f"no TrainConfig gives {BATCH} images x {GENERATIONS} per step: {'; '.join(errors)}")
+
+
+def run_ours(paths: dict, args) -> dict:
+    """Our G4UTrainer row (same result layout as run_trl). Raises ImportError until uae_fast.train exists."""
+    from uae_fast.train import G4UTrainer
+
+    with tempfile.TemporaryDirectory(prefix="bench_stage2a_ours_") as out:
+        trainer = G4UTrainer(_ours_config(paths, args, out))
+        reset_peak_rss()
+        baseline = current_rss_mb()
+        steps = []
+        for _ in range(args.warmup + args.steps):
+            start, cpu = time.perf_counter(), time.process_time()
+            metrics = trainer.train_step()
+            total, cpu = time.perf_counter() - start, time.process_time() - cpu
+            phases = {
+                "generation": metrics.get("time/rollout", float("nan")),
+                "reconstruct": metrics.get("time/reconstruct", float("nan")),
+                "score": metrics.get("time/score", float("nan")),
+                "update": metrics.get("time/update", float("nan")),
+            }
+            steps.append({"step": total, "cpu": cpu, **phases, "other": total - sum(phases.values())})
+        peak = peak_rss_mb()
+    return {"steps": steps[args.warmup :], "baseline_mb": baseline, "peak_mb": peak}
+
+
+def _use_source(src: str) -> None:
+    """Import uae_fast from a source checkout; compiled parts missing there (uae_fast._C, uae_fast.kernels) still
+    come from the installed build. Lets the benchmark run a trainer that is not installed yet."""
+    import importlib.util
+
+    installed = list(importlib.util.find_spec("uae_fast").submodule_search_locations)
+    sys.path.insert(0, os.path.abspath(src))
+    import uae_fast
+
+    uae_fast.__path__.extend(p for p in installed if p not in uae_fast.__path__)
+
+
+RUNNERS = {"trl": run_trl, "trl-cpu": lambda paths, args: run_trl(paths, args, compact=False), "ours": run_ours}
+NAMES = {
+    "trl": "TRL GRPOTrainer (completion-only head)",
+    "trl-cpu": "TRL GRPOTrainer (as shipped on CPU)",
+    "ours": "ours (G4UTrainer)",
+}
+
+
+def _child(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    if args.src:
+        _use_source(args.src)
+    _quiet()
+    paths = json.loads(args.paths)
+    try:
+        result = RUNNERS[args.child](paths, args)
+    except ImportError as exc:
+        if args.child != "ours":
+            raise
+        child_report({"unavailable": f"{type(exc).__name__}: {exc}"})
+        return
+    child_report(result)
+
+
+def _summarise(results: list[dict]) -> dict:
+    steps = [s for r in results for s in r["steps"]]
+    med = {k: statistics.median(s[k] for s in steps) for k in steps[0]}
+    return {
+        **med,
+        "peak_add": statistics.median(r["peak_mb"] - r["baseline_mb"] for r in results),
+        "peak_total": statistics.median(r["peak_mb"] for r in results),
+        "baseline": statistics.median(r["baseline_mb"] for r in results),
+        "n_steps": len(steps),
+    }
+
+
+def _row(name: str, s: dict, peer: dict | None) -> dict:
+    n = BATCH * GENERATIONS
+    return {
+        "variant": name,
+        "samples/s": f"{n / s['step']:.2f}",
+        "step (s)": f"{s['step']:.2f}",
+        "step CPU (s)": f"{s['cpu']:.1f}",
+        "generation (s)": f"{s['generation']:.2f}",
+        "reconstruct (s)": f"{s['reconstruct']:.2f}",
+        "score (s)": f"{s['score']:.2f}",
+        "update (s)": f"{s['update']:.2f}",
+        "other (s)": f"{s['other']:.2f}",
+        "loaded RSS (MB)": f"{s['baseline']:.0f}",
+        "peak +MB": f"{s['peak_add']:.0f}",
+        "peak total (MB)": f"{s['peak_total']:.0f}",
+        "samples/s vs TRL": fmt_ratio(peer["step"], s["step"]) if peer else "",
+        "peak + vs TRL": fmt_ratio(s["peak_add"], peer["peak_add"]) if peer else "",
+        "peak total vs TRL": fmt_ratio(s["peak_total"], peer["peak_total"]) if peer else "",
+    }
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="16 new tokens, 2 timed steps, 1 round (a few minutes)")
+    p.add_argument("--max-tokens", type=int, default=32, help="max_completion_length for both (default 32)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per child (default 1)")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per child (default 4)")
+    p.add_argument("--rounds", type=int, default=2, help="children per variant, alternating (default 2)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads in each child (default 2)")
+    p.add_argument("--trl-micro-batch", type=int, default=8, help="TRL per_device_train_batch_size (default 8)")
+    p.add_argument("--variants", nargs="+", default=["trl", "ours"], choices=list(RUNNERS))
+    p.add_argument("--workdir", help="where the checkpoint/images/backbone are built (default: a temp dir)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--src", help="import uae_fast from this source checkout (compiled parts from the installed build)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--paths", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.max_tokens, args.steps, args.rounds = 16, 2, 1
+    if args.child:
+        return _child(args)
+
+    from stage2a_setup import prepare
+
+    _quiet()
+    tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="bench_stage2a_")
+    start = time.perf_counter()
+    paths = prepare(args.workdir or tmp.name, seed=args.seed)
+    print(f"inputs ready in {time.perf_counter() - start:.0f} s: {paths['checkpoint']}", file=sys.stderr)
+    passed = ["--max-tokens", str(args.max_tokens), "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    passed += ["--threads", str(args.threads), "--trl-micro-batch", str(args.trl_micro_batch)]
+    passed += ["--seed", str(args.seed), "--paths", json.dumps(paths)]
+    passed += ["--src", args.src] if args.src else []
+    results: dict[str, list[dict]] = {v: [] for v in args.variants}
+    unavailable: dict[str, str] = {}
+    for round_ in range(args.rounds):
+        for variant in args.variants:
+            if variant in unavailable:
+                continue
+            start = time.perf_counter()
+            res = measure_peak_in_child(__file__, [*passed, "--child", variant])
+            if "unavailable" in res:
+                unavailable[variant] = res["unavailable"]
+                print(f"ours: uae_fast.train not available yet ({res['unavailable']})")
+                continue
+            results[variant].append(res)
+            print(f"[round {round_ + 1}] {variant}: child took {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    summary = {v: _summarise(r) for v, r in results.items() if r}
+    # Ratios are against the stronger TRL configuration that was run.
+    peer = summary.get("trl") or summary.get("trl-cpu")
+    rows = [_row(NAMES[v], summary[v], peer if v == "ours" else None) for v in RUNNERS if v in summary]
+    counts = ", ".join(f"{v}: {s['n_steps']}" for v, s in summary.items())
+    print(
+        f"\nStage 2a, one optimizer step = {BATCH} images x G={GENERATIONS}, max {args.max_tokens} new tokens, "
+        f"vocab 151,936, 448x448 images, decoder {DECODER['size']}px/{DECODER['steps']} steps, "
+        f"{args.threads} threads; medians of {counts} timed steps\n"
+    )
+    if rows:
+        print(markdown_table(rows, list(rows[0])))
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
