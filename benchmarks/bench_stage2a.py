@@ -31,7 +31,6 @@ loss, backward over the gradient-accumulation micro-batches, optimizer).
     python benchmarks/bench_stage2a.py            # 32 new tokens, 1 warm-up + 4 timed steps, 2 rounds: ~10-15 min
     python benchmarks/bench_stage2a.py --quick    # 16 new tokens, 1 warm-up + 2 timed steps, 1 round: a few min
     python benchmarks/bench_stage2a.py --variants trl --workdir /tmp/uae_s2a   # one row, reuse the built inputs
-    python benchmarks/bench_stage2a.py --quick --src .   # ours from this checkout (uae_fast.train not installed yet)
 """
 
 from __future__ import annotations
@@ -264,43 +263,33 @@ def run_trl(paths: dict, args, compact: bool = True) -> dict:
 
 
 def _ours_config(paths: dict, args, output_dir: str):
-    """TrainConfig for 4 images x G=8 per step, whichever meaning `batch_size` has (images or completions)."""
-    import dataclasses
-
+    """TrainConfig for 4 images x G=8 per step (`batch_size` counts completions, as TRL's)."""
     from uae_fast.train import TrainConfig
 
-    base = {
-        "model": paths["checkpoint"],
-        "output_dir": output_dir,
-        "seed": args.seed,
-        "data": {"images": paths["images"]},
-        "num_generations": GENERATIONS,
-        "max_completion_length": args.max_tokens,
-        "temperature": TEMPERATURE,
-        "decoder": dict(DECODER),
-        "reward": {"weights": {"dinov2": 1.0}, "backbones": {"dinov2": paths["dinov2"]}},
-        "lora": {"r": LORA_R, "alpha": LORA_ALPHA},
-        "learning_rate": LEARNING_RATE,
-        "max_steps": args.warmup + args.steps,
-    }
-    # Side outputs a benchmark does not want, set only where the config has them (unknown keys raise).
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    base.update({k: v for k, v in {"tensorboard": False, "report_images": 0}.items() if k in names})
-    errors = []
-    for batch_size in (BATCH, BATCH * GENERATIONS):
-        try:
-            config = TrainConfig.from_dict({**base, "batch_size": batch_size})
-        except Exception as exc:  # the other meaning of batch_size may be invalid (e.g. not a multiple of G)
-            errors.append(f"batch_size={batch_size}: {exc}")
-            continue
-        if getattr(config, "images_per_step", BATCH) == BATCH:
-            return config
-        errors.append(f"batch_size={batch_size}: {config.images_per_step} images per step")
-    raise RuntimeError(f"no TrainConfig gives {BATCH} images x {GENERATIONS} per step: {'; '.join(errors)}")
+    return TrainConfig.from_dict(
+        {
+            "model": paths["checkpoint"],
+            "output_dir": output_dir,
+            "seed": args.seed,
+            "data": {"images": paths["images"]},
+            "batch_size": BATCH * GENERATIONS,
+            "num_generations": GENERATIONS,
+            "max_completion_length": args.max_tokens,
+            "temperature": TEMPERATURE,
+            "decoder": dict(DECODER, fixed_noise=True),  # one noise seed per source image, as the TRL reward
+            "reward": {"weights": {"dinov2": 1.0}, "backbones": {"dinov2": paths["dinov2"]}},
+            "lora": {"r": LORA_R, "alpha": LORA_ALPHA},
+            "learning_rate": LEARNING_RATE,
+            "max_steps": args.warmup + args.steps,
+            "tensorboard": False,
+            "report_images": 0,
+            "save_final_model": False,
+        }
+    )
 
 
 def run_ours(paths: dict, args) -> dict:
-    """Our G4UTrainer row (same result layout as run_trl). Raises ImportError until uae_fast.train exists."""
+    """Our G4UTrainer row (same result layout as run_trl)."""
     from uae_fast.train import G4UTrainer
 
     with tempfile.TemporaryDirectory(prefix="bench_stage2a_ours_") as out:
@@ -323,18 +312,6 @@ def run_ours(paths: dict, args) -> dict:
     return {"steps": steps[args.warmup :], "baseline_mb": baseline, "peak_mb": peak}
 
 
-def _use_source(src: str) -> None:
-    """Import uae_fast from a source checkout; compiled parts missing there (uae_fast._C, uae_fast.kernels) still
-    come from the installed build. Lets the benchmark run a trainer that is not installed yet."""
-    import importlib.util
-
-    installed = list(importlib.util.find_spec("uae_fast").submodule_search_locations)
-    sys.path.insert(0, os.path.abspath(src))
-    import uae_fast
-
-    uae_fast.__path__.extend(p for p in installed if p not in uae_fast.__path__)
-
-
 RUNNERS = {"trl": run_trl, "trl-cpu": lambda paths, args: run_trl(paths, args, compact=False), "ours": run_ours}
 NAMES = {
     "trl": "TRL GRPOTrainer (completion-only head)",
@@ -348,18 +325,8 @@ def _child(args) -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    if args.src:
-        _use_source(args.src)
     _quiet()
-    paths = json.loads(args.paths)
-    try:
-        result = RUNNERS[args.child](paths, args)
-    except ImportError as exc:
-        if args.child != "ours":
-            raise
-        child_report({"unavailable": f"{type(exc).__name__}: {exc}"})
-        return
-    child_report(result)
+    child_report(RUNNERS[args.child](json.loads(args.paths), args))
 
 
 def _summarise(results: list[dict]) -> dict:
@@ -407,7 +374,6 @@ def main(argv=None) -> None:
     p.add_argument("--variants", nargs="+", default=["trl", "ours"], choices=list(RUNNERS))
     p.add_argument("--workdir", help="where the checkpoint/images/backbone are built (default: a temp dir)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--src", help="import uae_fast from this source checkout (compiled parts from the installed build)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--paths", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -426,20 +392,11 @@ def main(argv=None) -> None:
     passed = ["--max-tokens", str(args.max_tokens), "--warmup", str(args.warmup), "--steps", str(args.steps)]
     passed += ["--threads", str(args.threads), "--trl-micro-batch", str(args.trl_micro_batch)]
     passed += ["--seed", str(args.seed), "--paths", json.dumps(paths)]
-    passed += ["--src", args.src] if args.src else []
     results: dict[str, list[dict]] = {v: [] for v in args.variants}
-    unavailable: dict[str, str] = {}
     for round_ in range(args.rounds):
         for variant in args.variants:
-            if variant in unavailable:
-                continue
             start = time.perf_counter()
-            res = measure_peak_in_child(__file__, [*passed, "--child", variant])
-            if "unavailable" in res:
-                unavailable[variant] = res["unavailable"]
-                print(f"ours: uae_fast.train not available yet ({res['unavailable']})")
-                continue
-            results[variant].append(res)
+            results[variant].append(measure_peak_in_child(__file__, [*passed, "--child", variant]))
             print(f"[round {round_ + 1}] {variant}: child took {time.perf_counter() - start:.0f} s", file=sys.stderr)
     summary = {v: _summarise(r) for v, r in results.items() if r}
     # Ratios are against the stronger TRL configuration that was run.

@@ -24,6 +24,7 @@ def _rewards(tmp_path, seed: int, negate: bool) -> tuple[list[float], float]:
     return [m["reward"] for m in metrics], metrics[0]["reward_std"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_reward_rises_with_advantages_and_not_against_them(tmp_path, seed):
     plus, sigma0 = _rewards(tmp_path / "plus", seed, negate=False)

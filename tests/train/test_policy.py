@@ -88,7 +88,8 @@ def test_special_tokens_are_never_sampled_and_truncation_is_flagged(policy, demo
         assert not set(comp.token_list(i).tolist()) & banned
         ended = bool(set(comp.token_list(i).tolist()) & set(pol.eos_ids))
         assert bool(comp.truncated[i]) == (not ended)
-        assert (not ended) == (int(comp.lengths[i]) == 5)
+        assert ended or int(comp.lengths[i]) == 5
+        assert not ended or comp.token_list(i)[-1].item() in pol.eos_ids  # the end token closes the completion
 
 
 def test_reference_is_the_base_model(policy, demo):
@@ -111,3 +112,18 @@ def test_reference_is_the_base_model(policy, demo):
                 p.zero_()
     assert not torch.allclose(h_lora, h_base, atol=1e-3)
     torch.testing.assert_close(h_ref, h_base, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.7])
+def test_sampler_draws_from_the_right_distribution(top_p):
+    from uae_fast.train.policy import _sample_token
+
+    logits = torch.tensor([[2.0, 1.0, float("-inf"), 0.0, -1.0]]).expand(40000, -1)
+    tokens = _sample_token(logits, 0.8, top_p, torch.Generator().manual_seed(0))
+    probs = torch.softmax(logits[0] / 0.8, -1)
+    if top_p < 1:  # keep the smallest prefix (by probability) whose mass reaches top_p, renormalise
+        keep = probs.cumsum(-1) - probs <= top_p
+        probs = torch.where(keep, probs, 0.0) / probs[keep].sum()
+    freq = torch.bincount(tokens, minlength=5).float() / len(tokens)
+    torch.testing.assert_close(freq, probs, atol=0.01, rtol=0)
+    assert freq[2] == 0

@@ -43,8 +43,10 @@ class GRPOLossConfig:
     scale_rewards: str = field(default="group", metadata={"help": f"advantage scaling, one of {SCALE_REWARDS}"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature, divides the logits"})
     max_completion_length: int = field(default=512, metadata={"help": "tokens per caption (dr_grpo normaliser)"})
-    chunk_size: int = field(default=256, metadata={"help": "tokens per chunk of the fused LM head"})
-    vocab_block: int | None = field(default=None, metadata={"help": "vocabulary block (None = whole; less = leaner)"})
+    chunk_size: int = field(default=1024, metadata={"help": "tokens per chunk of the fused LM head"})
+    vocab_block: int | None = field(
+        default=8192, metadata={"help": "vocabulary entries per block (None = all at once: more memory)"}
+    )
     compute_entropy: bool = field(default=True, metadata={"help": "compute the mean entropy metric"})
 
     def __post_init__(self):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import statistics
 import time
 import zlib
@@ -117,7 +118,7 @@ class G4UTrainer:
         if cfg.lr_scheduler == "linear":
             return 1.0 - progress
         if cfg.lr_scheduler == "cosine":
-            return 0.5 * (1.0 + torch.cos(torch.tensor(torch.pi * progress)).item())
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
         return 1.0
 
     # ------------------------------------------------------------------ phases

@@ -271,16 +271,23 @@ class CaptionPolicy:
 
 
 def _sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
-    """[N, V] logits → [N] tokens: greedy at temperature 0, else temperature + nucleus sampling."""
+    """[N, V] logits → [N] tokens: greedy at temperature 0, else temperature + nucleus sampling.
+
+    Sampling inverts the CDF with one uniform number per row: `torch.multinomial` draws per vocabulary entry, and
+    over Qwen's 151,936 entries that was 20x slower (132 vs 6.4 ms for 32 rows on 2 CPU cores).
+    """
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    order = None
     if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        probs, order = probs.sort(dim=-1, descending=True)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0.0)  # smallest prefix reaching top_p
+    cdf = probs.cumsum(-1)
+    u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device) * cdf[:, -1:]
+    # right=True: the first entry whose cdf exceeds u, so a zero-probability entry is never chosen (even at u = 0).
+    index = torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[1] - 1)
+    return (index if order is None else order.gather(1, index)).squeeze(-1)
 
 
 def _unwrap(model):

@@ -1,0 +1,65 @@
+"""`uae-fast train`: a whole run through the CLI, its run folder, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import uae_fast
+from uae_fast.cli import main
+
+SMALL = ["max_steps=2", "batch_size=8", "num_generations=4", "decoder.steps=2", "report_images=2"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("train") / "run"
+    assert main(["train", "--preset", "tiny", "--out", str(run), *SMALL]) == 0
+    return run
+
+
+def test_run_folder_has_everything(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all("reward" in r and "kl" not in r for r in rows)
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run_dir / "checkpoint-2" / "llm_lora" / "adapter_model.safetensors").is_file()
+    assert (run_dir / "config.yaml").is_file()
+    for sub in ("llm", "llm_lora", "SD3", "dit"):
+        assert (run_dir / "final" / sub).is_dir()
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    assert [r["image"] for r in report["rows"]] == ["astronaut", "chelsea"]
+    html = (run_dir / "report" / "index.html").read_text()
+    assert html.count("<img") == 6 and "000_trained.png" in html
+
+
+def test_final_model_reproduces_the_trained_policy(run_dir, demo):
+    """final/ (llm/ + the trained llm_lora/ incl. embeddings) loads through uae_fast.load and captions like the
+    trained policy did in the report (greedy, transformers' generate on the loaded model vs our sampler)."""
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    loaded = uae_fast.load(run_dir / "final", device="cpu")
+    captions = loaded.caption(demo[:2], temperature=0, max_new_tokens=8)
+    assert captions == [r["trained"]["caption"] for r in report["rows"]]
+    base = uae_fast.load("tiny", device="cpu").caption(demo[:2], temperature=0, max_new_tokens=8)
+    assert base == [r["base"]["caption"] for r in report["rows"]]
+
+
+def test_list_configs(capsys):
+    assert main(["train", "--list-configs"]) == 0
+    assert "g4u_tiny" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--preset", "tiny"], "pass --out RUN_DIR"),
+        (["--preset", "tiny", "--out", "X", "max_steps=abc"], "max_steps must be int"),
+        (["--preset", "tiny", "--out", "X", "oops"], "overrides look like key=value"),
+        (["--config", "nope.yaml", "--out", "X"], "config file not found: nope.yaml"),
+    ],
+)
+def test_errors_are_one_line(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and err[-1].startswith("uae-fast: error:")
