@@ -209,3 +209,14 @@ def test_resume_refuses_a_different_config(tmp_path):
         make(tmp_path, "max_steps=2", "learning_rate=0.1", "resume=auto").train()
     with pytest.raises(CheckpointError, match="not found"):
         make(tmp_path, "max_steps=2", f"resume={tmp_path / 'nope'}").train()
+
+
+def test_accumulation_and_reference_caption_length(tmp_path, demo):
+    folder = _image_folder(tmp_path / "data", demo, bad=False)
+    (folder / "img0.txt").write_text("a tabby cat on a red sofa")  # a sidecar reference caption
+    trainer = make(tmp_path / "run", f"data.images={folder}", "data.shuffle=false", "gradient_accumulation_steps=2")
+    metrics = trainer.train_step()
+    assert trainer.dataset.index == 4  # 2 rollout chunks x 2 images, one optimizer step
+    assert trainer.scheduler.last_epoch == 1
+    expected = len(trainer.policy.tokenizer("a tabby cat on a red sofa").input_ids)
+    assert metrics["completions/reference_mean_length"] == expected
