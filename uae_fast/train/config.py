@@ -206,7 +206,7 @@ class TrainConfig:
 
 
 def config_dir() -> Path:
-    """Folder of the shipped YAML configs (installed with the package)."""
+    """Folder of the shipped YAML configs (the repo's configs/, installed as uae_fast/train/configs)."""
     return Path(str(resources.files("uae_fast.train") / "configs"))
 
 
