@@ -45,10 +45,10 @@ def _sgd_delta(trainer) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
 def test_micro_batches_add_up_to_the_whole_batch(tmp_path, loss_type):
-    """Gradient accumulation over one-sequence micro-batches == one pass over the whole batch, per loss type."""
+    """Gradient accumulation over one-group micro-batches == one pass over the whole batch, per loss type."""
     common = [f"loss.loss_type={loss_type}", "max_grad_norm=0"]
     whole = _sgd_delta(make(tmp_path / "a", *common, "micro_batch_tokens=100000"))
-    split = _sgd_delta(make(tmp_path / "b", *common, "micro_batch_tokens=1"))  # every sequence on its own
+    split = _sgd_delta(make(tmp_path / "b", *common, "micro_batch_tokens=1"))  # every group on its own
     assert any(d.abs().max() > 0 for d in whole.values())
     for name in whole:
         torch.testing.assert_close(split[name], whole[name], atol=1e-6, rtol=1e-4)

@@ -24,7 +24,6 @@ from ..errors import CheckpointError, ConfigError, UAEError
 from ..io import ensure_output_dir, write_text_atomic
 from ..rewards.reconstruction import ReconstructionReward
 from ..rl.grpo import GroupAdvantages, PackedCompletions, completion_logprobs, group_advantages, grpo_loss
-from ..rl.rollout_buffer import pack_sequences
 from .config import TrainConfig
 from .data import ImageDataset, TrainImage
 from .metrics import MetricsLogger
@@ -199,15 +198,13 @@ class G4UTrainer:
             advantages.append(b.advantages)
             offset += len(b.images)
         advantages = torch.cat(advantages).to(self.device)
-        lengths = [len(encoded.prompt_ids[r]) + len(c) for r, c in zip(rows, completions)]
         # A zero advantage contributes nothing but its KL term: skip those sequences when beta is 0.
         include = [bool(a != 0) or cfg.loss.beta > 0 for a in advantages.tolist()]
         total_tokens = sum(len(c) for c in completions)
         metrics: dict[str, list] = {}
         if not any(include):
             return {"loss": 0.0, "grad_norm": 0.0, "update/sequences": 0}
-        packed = pack_sequences(lengths, cfg.micro_batch_tokens, include=include, oversize="own_batch")
-        micro = [mb.sample_index.tolist() for mb in packed.batches]
+        micro = self._micro_batches(rows, completions, include, encoded)
 
         def logprobs_of(index: list[int]) -> torch.Tensor:
             hidden, tokens, _ = self.policy.completion_hidden(
@@ -250,6 +247,22 @@ class G4UTrainer:
         out["grad_norm"] = float(norm)
         out["update/sequences"] = sum(include)
         return out
+
+    def _micro_batches(self, rows, completions, include, encoded: ImageBatch) -> list[list[int]]:
+        """Whole groups per micro-batch (their prompt is forwarded once and shared), filled in order up to
+        `micro_batch_tokens` = Σ prompt + Σ completion tokens; a group over the budget gets a micro-batch alone."""
+        by_image: dict[int, list[int]] = {}
+        for i, (row, keep) in enumerate(zip(rows, include)):
+            if keep:
+                by_image.setdefault(row, []).append(i)
+        batches, current, used = [], [], 0
+        for row, members in by_image.items():
+            cost = len(encoded.prompt_ids[row]) + sum(len(completions[i]) for i in members)
+            if current and used + cost > self.config.micro_batch_tokens:
+                batches.append(current)
+                current, used = [], 0
+            current, used = current + members, used + cost
+        return batches + [current]
 
     def _micro_scale(self, seqs: int, tokens: int, total_seqs: int, total_tokens: int) -> float:
         """Factor making the sum of micro-batch losses the loss of the whole batch, for every loss type."""

@@ -162,11 +162,10 @@ class CaptionPolicy:
         return ImageBatch(prompt_ids, grid, features)
 
     # ------------------------------------------------------------------ forward
-    def _inputs(self, images: ImageBatch, rows: list[int], completions: list[torch.Tensor]):
-        """Right-padded embeddings, mask and 3-D rope positions of prompt(rows[i]) + completions[i]."""
-        seqs = [torch.cat([images.prompt_ids[b], c]) for b, c in zip(rows, completions)]
-        length = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), length), self.pad_id, dtype=torch.long, device=self.device)
+    def _prompt_inputs(self, images: ImageBatch, rows: list[int]):
+        """Right-padded embeddings (image features scattered in), mask and 3-D rope positions of the prompts."""
+        seqs = [images.prompt_ids[b] for b in rows]
+        ids = torch.full((len(seqs), max(len(s) for s in seqs)), self.pad_id, dtype=torch.long, device=self.device)
         mask = torch.zeros_like(ids)
         for i, s in enumerate(seqs):
             ids[i, : len(s)], mask[i, : len(s)] = s, 1
@@ -176,13 +175,28 @@ class CaptionPolicy:
         )
         embeds = self.vl.get_input_embeddings()(ids)
         features = torch.cat([images.features[b] for b in rows]).to(embeds.dtype)
-        embeds = embeds.masked_scatter(is_image[..., None], features)
-        return embeds, mask, positions
+        return embeds.masked_scatter(is_image[..., None], features), mask, positions
+
+    def _prefill(self, images: ImageBatch, rows: list[int]):
+        """Forward of the prompts of `rows` (right-padded, with a KV cache): the shared prefix of their groups.
+
+        Returns (cache, hidden of each prompt's last position [R, H], prompt mask [R, P], next mrope position [R]).
+        """
+        embeds, mask, positions = self._prompt_inputs(images, rows)
+        out = self.vl.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        lengths = mask.sum(1)  # prompts are right-padded: each row's last real position differs
+        last = out.last_hidden_state[torch.arange(len(rows), device=self.device), lengths - 1]
+        return cache, last, mask, positions.amax(dim=(0, 2)) + 1
 
     def completion_hidden(
         self, images: ImageBatch, rows: list[int], completions: list[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Hidden states of the positions that predict each completion token (grad flows through LoRA).
+
+        Each distinct image's prompt (image tokens included) runs **once** — its KV cache is then shared by all of
+        its completions — instead of once per completion: for G = 8 captions of ~30 tokens after a ~300-token
+        prompt that is ~4x fewer tokens through the model. Gradients flow through the shared prefix.
 
         Args:
             images: the encoded images; rows[i] is the image of completion i.
@@ -191,17 +205,29 @@ class CaptionPolicy:
         Returns:
             hidden [N, H] (N = Σ T_i, packed), token_ids [N], seq_index [N] in [0, len(completions)).
         """
-        embeds, mask, positions = self._inputs(images, rows, completions)
-        hidden = self.vl.language_model(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
-        ).last_hidden_state
-        rows_idx, cols_idx = [], []
-        for i, (b, c) in enumerate(zip(rows, completions)):
-            start = len(images.prompt_ids[b]) - 1  # the last prompt position predicts the first completion token
-            cols_idx.append(torch.arange(start, start + len(c), device=self.device))
-            rows_idx.append(torch.full((len(c),), i, device=self.device))
-        rows_t, cols_t = torch.cat(rows_idx), torch.cat(cols_idx)
-        return hidden[rows_t, cols_t], torch.cat(completions), rows_t
+        groups = list(dict.fromkeys(rows))  # distinct images, in order of first use
+        cache, last, prompt_mask, next_pos = self._prefill(images, groups)
+        owner = torch.tensor([groups.index(r) for r in rows], device=self.device)
+        cache.batch_select_indices(owner)  # one cache row per completion (a gather: differentiable)
+        length = max(len(c) for c in completions)
+        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long, device=self.device)
+        comp_mask = torch.zeros_like(ids)
+        for i, c in enumerate(completions):
+            ids[i, : len(c)], comp_mask[i, : len(c)] = c, 1
+        steps = torch.arange(length, device=self.device)
+        positions = (next_pos[owner][:, None] + steps).expand(3, -1, -1)
+        out = self.vl.language_model(
+            inputs_embeds=self.vl.get_input_embeddings()(ids),
+            attention_mask=torch.cat([prompt_mask[owner], comp_mask], dim=1),
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+        )
+        # Token 0 of a completion is predicted by its prompt's last position, token j by completion position j - 1.
+        hidden = torch.cat([last[owner][:, None], out.last_hidden_state[:, :-1]], dim=1)
+        keep = comp_mask.bool()
+        seq_index = torch.arange(len(rows), device=self.device)[:, None].expand_as(ids)[keep]
+        return hidden[keep], ids[keep], seq_index
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -221,14 +247,7 @@ class CaptionPolicy:
         next forward). `temperature` 0 is greedy.
         """
         b = len(images.prompt_ids)
-        rows = list(range(b))
-        embeds, mask, positions = self._inputs(images, rows, [images.prompt_ids[0][:0]] * b)
-        lengths = mask.sum(1)  # prompts are right-padded: each row's last real position differs
-        out = self.vl.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
-        cache = out.cache if hasattr(out, "cache") else out.past_key_values
-        last = out.last_hidden_state[torch.arange(b, device=self.device), lengths - 1]
-        next_pos = positions.amax(dim=(0, 2)) + 1  # [B]: mrope positions continue after the largest one
-
+        cache, last, mask, next_pos = self._prefill(images, list(range(b)))
         g = num_generations
         cache.batch_repeat_interleave(g)
         last = last.repeat_interleave(g, 0)
