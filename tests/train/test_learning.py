@@ -10,6 +10,7 @@ from __future__ import annotations
 import statistics
 
 import pytest
+import torch
 
 from uae_fast.train import G4UTrainer, load_train_config
 
@@ -24,9 +25,18 @@ def _rewards(tmp_path, seed: int, negate: bool) -> tuple[list[float], float]:
     return [m["reward"] for m in metrics], metrics[0]["reward_std"]
 
 
+@pytest.fixture
+def one_thread():
+    """The tiny models gain nothing from a second thread, and on shared cores two threads can run 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
-def test_reward_rises_with_advantages_and_not_against_them(tmp_path, seed):
+def test_reward_rises_with_advantages_and_not_against_them(tmp_path, seed, one_thread):
     plus, sigma0 = _rewards(tmp_path / "plus", seed, negate=False)
     minus, _ = _rewards(tmp_path / "minus", seed, negate=True)
 
