@@ -108,10 +108,12 @@ void patchify_image(const uint8_t* resized, int64_t height, int64_t width, const
   }
 }
 
-namespace {
-
-void preprocess_one(const ImageView& img, int64_t i, const QwenPlan& plan, const QwenConfig& cfg,
-                    const float lut[3][256], float* out) {
+void qwen_preprocess_image(const ImageView& img, int64_t i, const QwenPlan& plan, const QwenConfig& cfg,
+                           const float lut[3][256], float* out) {
+  if (i < 0 || i >= static_cast<int64_t>(plan.height.size())) {
+    throw std::invalid_argument("image index " + std::to_string(i) + " out of range for a plan of " +
+                                std::to_string(plan.height.size()) + " images");
+  }
   if (img.data == nullptr || img.height <= 0 || img.width <= 0 || img.row_stride < img.width * 3) {
     throw std::invalid_argument("invalid image buffer (" + std::to_string(img.height) + "x" +
                                 std::to_string(img.width) + ")");
@@ -121,8 +123,6 @@ void preprocess_one(const ImageView& img, int64_t i, const QwenPlan& plan, const
   resize_bicubic_rgb(img.data, img.height, img.width, img.row_stride, resized.data(), h, w, cfg.compat, cfg.simd);
   patchify_image(resized.data(), h, w, lut, cfg, out + plan.patch_offset[i] * cfg.patch_dim());
 }
-
-}  // namespace
 
 void qwen_preprocess(const std::vector<ImageView>& images, const QwenPlan& plan, const QwenConfig& cfg, float* out,
                      int threads) {
@@ -143,7 +143,7 @@ void qwen_preprocess(const std::vector<ImageView>& images, const QwenPlan& plan,
 #endif
   for (int64_t i = 0; i < n; ++i) {
     try {
-      preprocess_one(images[i], i, plan, cfg, lut, out);
+      qwen_preprocess_image(images[i], i, plan, cfg, lut, out);
     } catch (const std::bad_alloc&) {
       errors[i] = "out of memory while resizing";
     } catch (const std::exception& e) {
