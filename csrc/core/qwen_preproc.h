@@ -72,6 +72,13 @@ void make_normalise_lut(const QwenConfig& cfg, float lut[3][256]);
 void patchify_image(const uint8_t* resized, int64_t height, int64_t width, const float lut[3][256],
                     const QwenConfig& cfg, float* out);
 
+// Resizes, normalises and patchifies image `index` of `plan` into its rows of `out` (the whole
+// [plan.total_patches(), cfg.patch_dim()] array); `lut` from make_normalise_lut. Callers that decode one image at a
+// time use this to process each image while its pixels are still in cache. Throws std::invalid_argument on a bad
+// buffer.
+void qwen_preprocess_image(const ImageView& img, int64_t index, const QwenPlan& plan, const QwenConfig& cfg,
+                           const float lut[3][256], float* out);
+
 // Resizes, normalises and patchifies every image into `out` ([plan.total_patches(), cfg.patch_dim()]), one image
 // per task on up to `threads` OpenMP threads (<= 0: OpenMP's default). Throws ImageError naming the first failing
 // image after all tasks end.

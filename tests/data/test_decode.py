@@ -166,3 +166,29 @@ def test_reused_decoder_gives_the_same_inputs(files):
     assert torch.equal(first["pixel_values"], second["pixel_values"])
     want = qwen_preprocess([np.asarray(load_image(d)) for d in data], max_pixels=64 * 64)
     assert torch.equal(first["pixel_values"], want["pixel_values"])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_each_streams_the_same_pixels(files, threads):
+    data = [files["jpeg420"], files["rotated"], files["png"], files["jpeg_odd"], files["cmyk"]]
+    got, sizes = {}, []
+    with ImageDecoder("cpu", threads=threads) as dec:
+        dec.decode_each(data, lambda i, a: got.__setitem__(i, a.copy()), on_sizes=sizes.append)
+        want = dec.decode(data)
+    assert sizes[0].tolist() == [list(a.shape[:2]) for a in want]
+    for i, a in enumerate(want):
+        np.testing.assert_array_equal(got[i], a)
+    # A bad image in the middle of a streamed batch still names its index.
+    with pytest.raises(ImageLoadError, match=r"^image 1: "):
+        qwen_preprocess_bytes([files["jpeg420"], files["jpeg420"][:200], files["png"]], backend="cpu", threads=threads)
+
+
+def test_qwen_batch_needs_every_image():
+    from uae_fast import _C
+
+    batch = _C.QwenBatch([(40, 50), (30, 30)], 56 * 56, 64 * 64, 14, 2, 2, [0.5] * 3, [0.5] * 3)
+    batch.put(0, np.zeros((40, 50, 3), np.uint8))
+    with pytest.raises(ValueError, match="image 1 was never put"):
+        batch.result()
+    with pytest.raises(ValueError, match="out of range"):
+        batch.put(2, np.zeros((40, 50, 3), np.uint8))

@@ -17,8 +17,9 @@ from the header before any pixel is decoded, and every failure is an ``ImageLoad
 from __future__ import annotations
 
 import io
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -35,6 +36,8 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # simplejpeg's names for the colour spaces libjpeg-turbo converts to RGB exactly as Pillow does.
 _PLAIN_JPEG = frozenset({"YCbCr", "Gray", "RGB"})
+# decode_each keeps each thread's output buffer for the next call up to this size (a 21 MP RGB image).
+_KEEP_BUFFER_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,10 @@ def _probe(data: bytes, label: str, max_pixels: int) -> _Header:
     return _Header(kind, height, width, orient)
 
 
+def _sizes(heads: list[_Header]) -> np.ndarray:
+    return np.array([(h.height, h.width) for h in heads], dtype=np.int64).reshape(-1, 2)
+
+
 def _apply_orientation(a: np.ndarray, orientation: int) -> np.ndarray:
     """The array version of PIL.ImageOps.exif_transpose (tag values 1-8)."""
     if orientation == 2:
@@ -180,11 +187,62 @@ class ImageDecoder:
         self.max_batch = int(max_batch)
         self._pipe = None
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        self._local = threading.local()  # per-thread decode buffers of decode_each
 
     def sizes(self, data: Sequence[bytes]) -> np.ndarray:
         """Original ``(height, width)`` of each image (after EXIF orientation), ``[n, 2]`` int64, header only."""
-        heads = [_probe(bytes(d), f"image {i}", self.max_pixels) for i, d in enumerate(data)]
-        return np.array([(h.height, h.width) for h in heads], dtype=np.int64).reshape(-1, 2)
+        return _sizes(self._probe_all(data))
+
+    def _probe_all(self, data: Sequence[bytes]) -> list[_Header]:
+        return [_probe(bytes(d), f"image {i}", self.max_pixels) for i, d in enumerate(data)]
+
+    def decode_each(
+        self,
+        data: Sequence[bytes],
+        fn: Callable[[int, np.ndarray], object],
+        *,
+        min_sizes: Sequence[tuple[int, int]] | None = None,
+        on_sizes: Callable[[np.ndarray], object] | None = None,
+    ) -> None:
+        """Decodes the images one by one and calls ``fn(index, image)`` with each, on the decoder's threads.
+
+        Consuming each image as soon as it is decoded keeps its pixels in cache and lets the CPU decoder reuse one
+        output buffer per thread: the ``image`` passed to ``fn`` is valid only during the call (copy it to keep it).
+        Measured here on 1.3 MP JPEGs, this saves ~1.4 ms per image of page faults over :meth:`decode`, which must
+        allocate every image of the batch. The DALI backends decode in batches and then call ``fn``.
+
+        Args:
+            data: Encoded files.
+            fn: Called once per image, in any order (in parallel when ``threads > 1``); an exception it raises
+                stops the work and propagates.
+            min_sizes: As in :meth:`decode`.
+            on_sizes: Called once with the original sizes (``[n, 2]`` int64, as :meth:`sizes`) after every header
+                was checked and before any pixel is decoded.
+
+        Raises:
+            ImageLoadError: as :meth:`decode`.
+        """
+        blobs = [bytes(d) for d in data]
+        heads = self._probe_all(blobs)
+        if on_sizes is not None:
+            on_sizes(_sizes(heads))
+        if self.backend.startswith("dali") or _simplejpeg() is None:
+            for i, arr in enumerate(self._decode_probed(blobs, heads, min_sizes)):
+                fn(i, arr)
+            return
+        mins = None if min_sizes is None else list(min_sizes)
+
+        def one(i: int) -> None:
+            head, min_size = heads[i], None if mins is None else mins[i]
+            buffer = self._buffer(head.height * head.width * 3) if head.kind == "jpeg" else None
+            fn(i, self._decode_cpu(blobs[i], head, i, min_size, buffer=buffer))
+
+        if self._pool is not None and len(blobs) > 1:
+            for _ in self._pool.map(one, range(len(blobs))):
+                pass
+        else:
+            for i in range(len(blobs)):
+                one(i)
 
     def decode(self, data: Sequence[bytes], *, min_sizes: Sequence[tuple[int, int]] | None = None) -> list[np.ndarray]:
         """Decodes every image.
@@ -202,7 +260,21 @@ class ImageDecoder:
             ImageLoadError: an image is empty, not an image, corrupt, truncated or too large (names its index).
         """
         blobs = [bytes(d) for d in data]
-        heads = [_probe(b, f"image {i}", self.max_pixels) for i, b in enumerate(blobs)]
+        return self._decode_probed(blobs, self._probe_all(blobs), min_sizes)
+
+    def _buffer(self, size: int) -> np.ndarray:
+        """This thread's reusable decode buffer of at least ``size`` bytes (kept across calls up to 64 MiB)."""
+        buf = getattr(self._local, "buf", None)
+        if buf is not None and buf.size >= size:
+            return buf
+        buf = np.empty(size, np.uint8)
+        if size <= _KEEP_BUFFER_BYTES:
+            self._local.buf = buf
+        return buf
+
+    def _decode_probed(
+        self, blobs: list[bytes], heads: list[_Header], min_sizes: Sequence[tuple[int, int]] | None
+    ) -> list[np.ndarray]:
         out: list[np.ndarray | None] = [None] * len(blobs)
         fast = [i for i, h in enumerate(heads) if h.kind in ("jpeg", "png")]
         if self.backend.startswith("dali"):
@@ -224,7 +296,14 @@ class ImageDecoder:
             out[i] = arr
         return out  # type: ignore[return-value]
 
-    def _decode_cpu(self, data: bytes, head: _Header, index: int, min_size: tuple[int, int] | None) -> np.ndarray:
+    def _decode_cpu(
+        self,
+        data: bytes,
+        head: _Header,
+        index: int,
+        min_size: tuple[int, int] | None,
+        buffer: np.ndarray | None = None,
+    ) -> np.ndarray:
         label = f"image {index}"
         sj = _simplejpeg()
         if head.kind == "jpeg" and sj is not None:
@@ -234,6 +313,8 @@ class ImageDecoder:
                 if head.orientation >= 5:  # the limits refer to the stored (unrotated) axes
                     mh, mw = mw, mh
                 kwargs = {"min_height": int(mh), "min_width": int(mw)}
+            if buffer is not None:
+                kwargs["buffer"] = buffer
             try:
                 arr = sj.decode_jpeg(data, colorspace="RGB", strict=True, **kwargs)
             except ValueError as exc:
@@ -280,6 +361,7 @@ class ImageDecoder:
             self._pool.shutdown()
             self._pool = None
         self._pipe = None
+        self._local = threading.local()
 
     def __enter__(self) -> ImageDecoder:
         return self

@@ -41,6 +41,15 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 QWEN_MIN_PIXELS = 56 * 56
 QWEN_MAX_PIXELS = 28 * 28 * 1280
 _COMPATS = ("torchvision", "pil")
+# qwen_preprocess's options that qwen_preprocess_bytes passes through **kwargs.
+_DEFAULT_OPTS = {
+    "patch_size": 14,
+    "merge_size": 2,
+    "temporal_patch_size": 2,
+    "image_mean": OPENAI_CLIP_MEAN,
+    "image_std": OPENAI_CLIP_STD,
+    "simd": True,
+}
 
 
 def _native_compat(compat: str) -> str:
@@ -51,6 +60,22 @@ def _native_compat(compat: str) -> str:
 
         return "pil" if int(PIL.__version__.split(".")[0]) >= 13 else "pil_legacy"
     return compat
+
+
+def _native_args(
+    min_pixels, max_pixels, patch_size, merge_size, temporal_patch_size, image_mean, image_std, compat, simd
+) -> dict:
+    return {
+        "min_pixels": int(min_pixels),
+        "max_pixels": int(max_pixels),
+        "patch_size": int(patch_size),
+        "merge_size": int(merge_size),
+        "temporal_patch_size": int(temporal_patch_size),
+        "image_mean": [float(v) for v in image_mean],
+        "image_std": [float(v) for v in image_std],
+        "compat": _native_compat(compat),
+        "simd": bool(simd),
+    }
 
 
 def _resolve_threads(threads: int | None) -> int:
@@ -129,23 +154,16 @@ def qwen_preprocess(
     """
     from uae_fast import _C
 
-    native_compat = _native_compat(compat)
     if isinstance(images, np.ndarray) and images.ndim == 3:
         raise ValueError("images must be a list of (H, W, 3) arrays; wrap a single image in a list")
     sizes = None if source_sizes is None else np.asarray(source_sizes, dtype=np.int64).reshape(-1, 2)
     pixel_values, grid = _C.qwen_preprocess(
         list(images),
         sizes,
-        int(min_pixels),
-        int(max_pixels),
-        int(patch_size),
-        int(merge_size),
-        int(temporal_patch_size),
-        [float(v) for v in image_mean],
-        [float(v) for v in image_std],
-        native_compat,
-        bool(simd),
-        _resolve_threads(threads),
+        **_native_args(
+            min_pixels, max_pixels, patch_size, merge_size, temporal_patch_size, image_mean, image_std, compat, simd
+        ),
+        threads=_resolve_threads(threads),
     )
     return {"pixel_values": torch.from_numpy(pixel_values), "image_grid_thw": torch.from_numpy(grid)}
 
@@ -163,12 +181,12 @@ def qwen_preprocess_bytes(
     decoder=None,
     **kwargs,
 ) -> dict[str, torch.Tensor]:
-    """Encoded image files -> Qwen2.5-VL inputs: decode (see :class:`~uae_fast.data.decode.ImageDecoder`), then
-    :func:`qwen_preprocess`.
+    """Encoded image files -> Qwen2.5-VL inputs: decode (see :class:`~uae_fast.data.decode.ImageDecoder`) and
+    :func:`qwen_preprocess`, one image at a time (each is resized right after it is decoded, while it is in cache).
 
     Args:
         data: Encoded files (JPEG, PNG, WebP, ...), one per image.
-        threads: Decoder threads and preprocessing threads.
+        threads: Threads, each decoding and preprocessing whole images.
         backend: Decoder backend (``"auto"``, ``"dali"``, ``"cpu"``).
         reduced_decode: Opt-in fast mode: JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still
             covers twice the target size (the bicubic antialias then does most of the low-pass; at 1x the error
@@ -177,7 +195,8 @@ def qwen_preprocess_bytes(
         max_image_pixels: Largest accepted original image (width * height), checked from the header.
         decoder: An :class:`~uae_fast.data.decode.ImageDecoder` to reuse (keeps its DALI pipeline and thread pool
             across calls); by default one is made per call from ``backend``, ``threads`` and ``max_image_pixels``.
-        **kwargs: Passed to :func:`qwen_preprocess` (patch_size, merge_size, image_mean, ...).
+        **kwargs: As in :func:`qwen_preprocess`: patch_size, merge_size, temporal_patch_size, image_mean,
+            image_std, simd.
 
     Returns:
         As :func:`qwen_preprocess`.
@@ -186,27 +205,45 @@ def qwen_preprocess_bytes(
         uae_fast.errors.ImageLoadError: an image cannot be decoded (message names its index).
         ValueError: a size the processor refuses, naming the image index.
     """
+    from uae_fast import _C
     from uae_fast.data.decode import ImageDecoder
+    from uae_fast.errors import ImageLoadError
 
     threads = _resolve_threads(threads)
+    opts = dict(_DEFAULT_OPTS)
+    unknown = sorted(set(kwargs) - set(opts))
+    if unknown:
+        raise TypeError(f"qwen_preprocess_bytes() got unexpected keyword arguments {unknown}")
+    opts.update(kwargs)
+    args = _native_args(min_pixels, max_pixels, compat=compat, **opts)
     own = decoder is None
     if own:
         decoder = ImageDecoder(backend=backend, threads=threads, max_pixels=max_image_pixels)
+    # Each image is resized as soon as it is decoded (while its pixels are in cache, into a reused decode buffer);
+    # the batch is planned from the original sizes in the headers, as image_grid_thw must be.
+    state = {}
+
+    def start(sizes: np.ndarray) -> None:
+        state["sizes"] = sizes.tolist()
+        state["batch"] = _C.QwenBatch(sizes, **args)
+
+    def put(i: int, image: np.ndarray) -> None:
+        if not reduced_decode and list(image.shape[:2]) != state["sizes"][i]:
+            h, w = state["sizes"][i]
+            raise ImageLoadError(f"image {i}: decoded to {image.shape[0]}x{image.shape[1]}, header says {h}x{w}")
+        state["batch"].put(i, image)
+
     try:
+        min_sizes = None
         if reduced_decode:
-            patch, merge = kwargs.get("patch_size", 14), kwargs.get("merge_size", 2)
-            sizes = decoder.sizes(data)
+            patch, merge = opts["patch_size"], opts["merge_size"]
             grid = qwen_grid_thw(
-                sizes, min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch, merge_size=merge
+                decoder.sizes(data), min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch, merge_size=merge
             )
-            targets = [(2 * int(h) * patch, 2 * int(w) * patch) for _, h, w in grid.tolist()]
-            images = decoder.decode(data, min_sizes=targets)
-            kwargs["source_sizes"] = sizes
-        else:
-            images = decoder.decode(data)
+            min_sizes = [(2 * int(h) * patch, 2 * int(w) * patch) for _, h, w in grid.tolist()]
+        decoder.decode_each(data, put, min_sizes=min_sizes, on_sizes=start)
     finally:
         if own:
             decoder.close()
-    return qwen_preprocess(
-        images, min_pixels=min_pixels, max_pixels=max_pixels, threads=threads, compat=compat, **kwargs
-    )
+    pixel_values, grid = state["batch"].result()
+    return {"pixel_values": torch.from_numpy(pixel_values), "image_grid_thw": torch.from_numpy(grid)}
