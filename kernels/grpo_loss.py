@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .linear_logprobs import DEFAULT_CHUNK, linear_logprobs, online_softmax_block
+from .linear_logprobs import DEFAULT_CHUNK, accumulate_head_grad, linear_logprobs
 
 __all__ = [
     "LOSS_TYPES",
@@ -136,26 +136,41 @@ def grpo_metrics(
 
 
 class _TrainableHeadGRPO(torch.autograd.Function):
-    """Single pass per chunk for a trainable LM head: loss value, d/dhidden and d/dweight in the forward."""
+    """Single pass per chunk for a trainable LM head: loss value, d/dhidden and d/dweight in the forward.
+
+    Per chunk: three GEMMs (z = hs Wᵀ, e W, eᵀ (g/s·hs)) and four passes over the [c, V] buffer (max, subtract,
+    exp, sum), reusing one buffer for every chunk. The loss gradient's per-token scale g/s is applied to the small
+    [c, H] operand of the weight-gradient GEMM instead of the [c, V] probabilities, the one-hot part is a row
+    scatter, and the entropy comes from E_p[W], which the input gradient needs anyway (H = lse - hs·E_p[W]).
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, y, extras, cfg):
         old, ref, adv, mask, seq_index, seq_lengths, weights = extras
         inv_temp, chunk, entropy = cfg["inv_temp"], cfg["chunk"], cfg["entropy"]
-        n = hidden.shape[0]
+        n, vocab = hidden.shape[0], weight.shape[0]
+        fp32 = weight.dtype == torch.float32
         grad_h = torch.empty(hidden.shape, device=hidden.device, dtype=torch.float32)
         grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
         logp_all = torch.empty(n, device=hidden.device, dtype=torch.float32)
         ent_all = torch.empty_like(logp_all) if entropy else None
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        # The only vocabulary-sized buffer, allocated once: a fresh [c, V] tensor per chunk costs page faults.
+        zbuf = torch.empty(min(chunk, n), vocab, device=hidden.device, dtype=torch.float32)
         for a in range(0, n, chunk):
             sl = slice(a, min(a + chunk, n))
+            ys = y[sl]
             hs = hidden[sl].float() * inv_temp
-            z = (hs.to(weight.dtype) @ weight.t()).float()  # [c, V] fp32, the only vocabulary-sized buffer
-            c = z.shape[0]
-            m, s, t, chosen = (torch.zeros(c, device=z.device) for _ in range(4))
-            online_softmax_block(z, y[sl], (m, s, t, chosen), 0, True, entropy)  # z := exp(z - max)
-            logp = (chosen - m - torch.log(s)).requires_grad_(True)
+            z = zbuf[: hs.shape[0]]
+            if fp32:
+                torch.mm(hs, weight.t(), out=z)
+            else:  # low-precision head: GEMMs in its dtype, softmax and accumulation in fp32
+                z.copy_(hs.to(weight.dtype) @ weight.t())
+            chosen = z.gather(1, ys[:, None]).squeeze(1)
+            m = z.amax(1)
+            s = z.sub_(m[:, None]).exp_().sum(1)  # z := e = exp(z - max), p = e / s
+            lse = m + torch.log(s)
+            logp = (chosen - lse).requires_grad_(True)
             with torch.enable_grad():
                 loss_t, _, _ = per_token_loss(
                     logp, _sl(old, sl), _sl(ref, sl), adv[sl], mask[sl], seq_index[sl], seq_lengths, **cfg["loss"]
@@ -164,18 +179,12 @@ class _TrainableHeadGRPO(torch.autograd.Function):
                 (g,) = torch.autograd.grad(chunk_loss, logp)
             total += chunk_loss.detach()
             logp_all[sl] = logp.detach()
+            # d/dh = g (W[y] - E_p[W]) / T with E_p[W] = e W / s
+            pw = (torch.mm(z, weight) if fp32 else (z.to(weight.dtype) @ weight).float()).div_(s[:, None])
             if entropy:
-                ent_all[sl] = torch.log(s) - t / s
-            # d loss / d z = g (onehot(y) - p), built in place over the exp'd logits: p = e / s
-            z.mul_((-g / s)[:, None])
-            z[torch.arange(c, device=z.device), y[sl]] += g
-            if weight.dtype == torch.float32:
-                grad_h[sl] = (z @ weight).mul_(inv_temp)
-                grad_w.addmm_(z.t(), hs)
-            else:  # low-precision head: GEMMs in its dtype, accumulation in fp32
-                gz = z.to(weight.dtype)
-                grad_h[sl] = (gz @ weight).float() * inv_temp
-                grad_w.add_((gz.t() @ hs.to(weight.dtype)).float())
+                ent_all[sl] = lse - (hs * pw).sum(1)
+            grad_h[sl] = (weight[ys].float() - pw).mul_((g * inv_temp)[:, None])
+            accumulate_head_grad(grad_w, z, g / s, g, hs, ys, 0)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         ctx.mark_non_differentiable(logp_all)

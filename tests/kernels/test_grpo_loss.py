@@ -203,3 +203,47 @@ def test_bad_arguments_are_named(kwargs, message):
     h, y, si, _, _ = _packed(b)
     with pytest.raises(ValueError, match=message):
         fused_linear_grpo_loss(h, b.weight, y, si, b.adv, **kwargs)
+
+
+# ---------------------------------------------------------------- trainable head: single pass details
+@pytest.mark.parametrize("vocab_block", [None, 97])
+def test_trainable_head_repeated_targets_entropy_and_logp(vocab_block):
+    """Repeated target ids (the one-hot part of the head gradient is a scatter-add), a partial last chunk, and the
+    entropy / log-probs the single pass reports, against full logits."""
+    b = _batch(seed=5, v=300)
+    h, y, si, old, ref = _packed(b)
+    y = y % 7  # many tokens share a target
+    kw = dict(num_sequences=5, beta=0.04, old_logp=old, ref_logp=ref, temperature=b.T, loss_type="grpo")
+    outs = []
+    for fn, extra in ((fused_linear_grpo_loss, {"chunk_size": 6, "vocab_block": vocab_block}), (grpo_loss_ref, {})):
+        hh, ww = h.clone().requires_grad_(True), b.weight.clone().requires_grad_(True)
+        loss, logp = fn(hh, ww, y, si, b.adv, **kw, **extra)[:2]
+        outs.append([loss, logp, *torch.autograd.grad(loss, [hh, ww])])
+    for ours, ref_ in zip(*outs):
+        torch.testing.assert_close(ours, ref_, atol=1e-6, rtol=1e-5)
+    ww = b.weight.clone().requires_grad_(True)
+    metrics = fused_linear_grpo_loss(h, ww, y, si, b.adv, chunk_size=6, vocab_block=vocab_block, **kw)[2]
+    logsm = torch.log_softmax(h.double() @ b.weight.double().t() / b.T, -1)
+    entropy = -(logsm.exp() * logsm).sum(-1).mean().float()
+    torch.testing.assert_close(metrics["entropy"], entropy, atol=1e-5, rtol=1e-5)
+
+
+def test_trainable_bf16_head_gradients_within_bf16_error():
+    b = _batch(seed=6, v=400)
+    h, y, si, old, ref = _packed(b)
+    kw = dict(num_sequences=5, beta=0.04, old_logp=old, ref_logp=ref, temperature=b.T, loss_type="dapo")
+    grads = {}
+    for name, dtype, fn in (("exact", torch.float32, grpo_loss_ref), ("ours", torch.bfloat16, fused_linear_grpo_loss),
+                            ("same_dtype", torch.bfloat16, grpo_loss_ref)):  # fmt: skip
+        hh = h.to(dtype).requires_grad_(True)
+        ww = b.weight.to(dtype).requires_grad_(True)
+        if name == "same_dtype":  # the reference on bf16-rounded inputs, in fp32
+            hh, ww = hh.detach().float().requires_grad_(True), ww.detach().float().requires_grad_(True)
+        loss = fn(hh, ww, y, si, b.adv, **kw)[0]
+        gh, gw = torch.autograd.grad(loss, [hh, ww])
+        assert gh.dtype == dtype or name == "same_dtype"
+        grads[name] = (gh.float(), gw.float())
+    for i in range(2):
+        err = (grads["ours"][i] - grads["exact"][i]).abs().max()
+        ref_err = (grads["same_dtype"][i] - grads["exact"][i]).abs().max()
+        assert err <= 2 * ref_err + 1e-3
