@@ -358,9 +358,9 @@ class G4UTrainer:
         check_same_config(folder, self.config.to_dict())
         weights = load_peft_weights(str(folder / "llm_lora"), device=str(self.device))
         result = set_peft_model_state_dict(self.policy.peft_model, weights)
-        missing = [k for k in getattr(result, "unexpected_keys", [])]
-        if missing:
-            raise CheckpointError(f"{folder}/llm_lora does not fit this model (first unexpected key: {missing[0]})")
+        unexpected = list(getattr(result, "unexpected_keys", []))
+        if unexpected:
+            raise CheckpointError(f"{folder}/llm_lora does not fit this model (first unexpected key: {unexpected[0]})")
         restore_optimizer(self.optimizer, state, tensors)
         self.scheduler.load_state_dict(state["scheduler"])
         self.dataset.load_state_dict(state["data"])

@@ -25,6 +25,8 @@ __all__ = [
     "latest_checkpoint",
     "prune_checkpoints",
     "check_same_config",
+    "restore_optimizer",
+    "restore_rng",
 ]
 
 CHECKPOINT_PREFIX = "checkpoint-"
