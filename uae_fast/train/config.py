@@ -133,7 +133,7 @@ class TrainConfig:
     lr_scheduler: str = field(default="constant", metadata={"help": f"one of {SCHEDULERS} (after warmup)"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 disables)"})
-    max_steps: int = field(default=100, metadata={"help": "optimizer steps to train"})
+    max_steps: int = field(default=100, metadata={"help": "training steps (a rollout batch and its update each)"})
     negate_advantages: bool = field(
         default=False, metadata={"help": "control experiment: train on -A (a run that must NOT improve the reward)"}
     )
