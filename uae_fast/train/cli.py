@@ -61,10 +61,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 def _quiet() -> None:
     import warnings
 
-    import diffusers
-    import transformers
+    from ..cli import _quiet_libraries
 
+    _quiet_libraries()
     # PEFT still calls a transformers method deprecated in 5.x; the warning says nothing the user can act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    transformers.logging.set_verbosity_error()
-    diffusers.logging.set_verbosity_error()
