@@ -122,53 +122,22 @@ def build_processor(tokenizer):
 
 
 def _encoder(tokenizer, joint_dim: int):
-    from transformers import Qwen2_5_VLConfig
+    from uae_fast.presets.tiny import qwen_encoder, qwen_encoder_config
 
-    from uae_fast.models.encoder import UAEEncoder, attention_implementation
-
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
-    hidden = SIZES["text_hidden"]
-    config = Qwen2_5_VLConfig(
-        text_config={
-            "vocab_size": QWEN_VOCAB_SIZE,
-            "hidden_size": hidden,
-            "intermediate_size": 2 * hidden,
-            "num_hidden_layers": SIZES["text_layers"],
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 32768,
-            # head_dim 32: mrope sections split its 16 rotary frequencies over (time, height, width).
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
-            "tie_word_embeddings": True,  # as Qwen2.5-VL-3B, UAE's encoder
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"],
-        },
-        vision_config={
-            "depth": SIZES["vision_depth"],
-            "hidden_size": SIZES["vision_hidden"],
-            "intermediate_size": 2 * SIZES["vision_hidden"],
-            "num_heads": 2,
-            "out_hidden_size": hidden,
-            "fullatt_block_indexes": [SIZES["vision_depth"] - 1],
-            "window_size": 112,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-        },
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        projector_hidden_size=SIZES["projector_hidden"],
-        projector_out_size=joint_dim,
-        tie_word_embeddings=True,
-        attn_implementation=attention_implementation(),
+    config = qwen_encoder_config(
+        tokenizer,
+        vocab_size=QWEN_VOCAB_SIZE,
+        text_hidden=SIZES["text_hidden"],
+        vision_hidden=SIZES["vision_hidden"],
+        projector_hidden=SIZES["projector_hidden"],
+        joint_dim=joint_dim,
+        text_layers=SIZES["text_layers"],
+        vision_depth=SIZES["vision_depth"],
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,  # as Qwen2.5-VL-3B, UAE's encoder
     )
-    model = UAEEncoder(config)
-    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    return model.eval()
+    return qwen_encoder(config, tokenizer)
 
 
 def build_checkpoint(folder: str | Path, seed: int = 0) -> Path:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .linear_logprobs import DEFAULT_CHUNK, accumulate_head_grad, linear_logprobs
+from .linear_logprobs import DEFAULT_CHUNK, accumulate_head_grad, block_logits, linear_logprobs
 
 __all__ = [
     "LOSS_TYPES",
@@ -151,21 +151,17 @@ class _TrainableHeadGRPO(torch.autograd.Function):
         n, vocab = hidden.shape[0], weight.shape[0]
         fp32 = weight.dtype == torch.float32
         grad_h = torch.empty(hidden.shape, device=hidden.device, dtype=torch.float32)
-        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+        grad_w = torch.empty(weight.shape, device=weight.device, dtype=torch.float32)  # the first chunk overwrites it
         logp_all = torch.empty(n, device=hidden.device, dtype=torch.float32)
         ent_all = torch.empty_like(logp_all) if entropy else None
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
         # The only vocabulary-sized buffer, allocated once: a fresh [c, V] tensor per chunk costs page faults.
-        zbuf = torch.empty(min(chunk, n), vocab, device=hidden.device, dtype=torch.float32)
+        zbuf = torch.empty(min(chunk, n) * vocab, device=hidden.device, dtype=torch.float32)
         for a in range(0, n, chunk):
             sl = slice(a, min(a + chunk, n))
             ys = y[sl]
             hs = hidden[sl].float() * inv_temp
-            z = zbuf[: hs.shape[0]]
-            if fp32:
-                torch.mm(hs, weight.t(), out=z)
-            else:  # low-precision head: GEMMs in its dtype, softmax and accumulation in fp32
-                z.copy_(hs.to(weight.dtype) @ weight.t())
+            z = block_logits(hs, weight, zbuf)  # low-precision head: GEMMs in its dtype, softmax in fp32
             chosen = z.gather(1, ys[:, None]).squeeze(1)
             m = z.amax(1)
             s = z.sub_(m[:, None]).exp_().sum(1)  # z := e = exp(z - max), p = e / s
@@ -180,11 +176,13 @@ class _TrainableHeadGRPO(torch.autograd.Function):
             total += chunk_loss.detach()
             logp_all[sl] = logp.detach()
             # d/dh = g (W[y] - E_p[W]) / T with E_p[W] = e W / s
-            pw = (torch.mm(z, weight) if fp32 else (z.to(weight.dtype) @ weight).float()).div_(s[:, None])
+            # E_p[W] as (Wᵀ eᵀ)ᵀ: ~20% faster than e W with MKL (see block_logits)
+            pw_t = torch.mm(weight.t(), z.t()) if fp32 else (weight.t() @ z.t().to(weight.dtype)).float()
+            pw = pw_t.div_(s).t()
             if entropy:
                 ent_all[sl] = lse - (hs * pw).sum(1)
             grad_h[sl] = (weight[ys].float() - pw).mul_((g * inv_temp)[:, None])
-            accumulate_head_grad(grad_w, z, g / s, g, hs, ys, 0)
+            accumulate_head_grad(grad_w, z, g / s, g, hs, ys, 0, first=a == 0)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         ctx.mark_non_differentiable(logp_all)

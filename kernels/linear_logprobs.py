@@ -138,7 +138,7 @@ def _use_triton(x: torch.Tensor) -> bool:
 
 
 def online_softmax_block(z, y, state, block_start: int, first: bool, entropy: bool) -> torch.Tensor:
-    """Fold one logits block z [c, n] (fp32, contiguous) into the running softmax state, in place.
+    """Fold one logits block z [c, n] (fp32, rows or columns contiguous) into the running softmax state, in place.
 
     state = (max [c], Σ exp(z - max) [c], Σ exp(z - max)(z - max) [c], target logit [c]); z becomes
     exp(z - new max). Returns alpha [c] = exp(old max - new max), the factor for any other running sum.
@@ -147,40 +147,75 @@ def online_softmax_block(z, y, state, block_start: int, first: bool, entropy: bo
     return update(z, y, state, block_start, first, entropy)
 
 
-def _chunk_forward(h, weight, y, inv_temp, vocab_block, want_pw, entropy):
-    """One token chunk: logp [c], entropy [c] or None, lse [c], E_p[W] [c, H] or None (all fp32)."""
+def block_logits(hs: torch.Tensor, w_b: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """fp32 logits block z = hs w_bᵀ [c, n], written into the flat fp32 buffer `buf` (reused: no page faults).
+
+    On the CPU z is stored transposed (a [c, n] view of a contiguous [n, c] tensor), computed as w_b hsᵀ: with the
+    vocabulary as the GEMM's long M side MKL runs ~1.5x faster than hs w_bᵀ with a short M (147 vs 88 GFLOPS at
+    256 tokens, H 2048, V 152k on this machine's CPU), and the later GEMMs take the view as a transposed operand at
+    no cost. The Triton softmax kernel reads rows, so for it z is row-major. A low-precision head runs the GEMM in
+    its dtype and keeps the logits in fp32.
+    """
+    c, n = hs.shape[0], w_b.shape[0]
+    flat = buf[: c * n]
+    if _use_triton(hs):
+        z = flat.view(c, n)
+        if w_b.dtype == torch.float32:
+            torch.mm(hs, w_b.t(), out=z)
+        else:
+            z.copy_(hs.to(w_b.dtype) @ w_b.t())
+        return z
+    zt = flat.view(n, c)
+    if w_b.dtype == torch.float32:
+        torch.mm(w_b, hs.t(), out=zt)
+    else:
+        zt.copy_(w_b @ hs.to(w_b.dtype).t())
+    return zt.t()
+
+
+def _chunk_forward(h, weight, y, inv_temp, vocab_block, entropy, zbuf, pw_t):
+    """One token chunk: logp [c], entropy [c] or None, lse [c] (fp32); E_p[W]ᵀ into `pw_t` [H, c] unless it is None.
+
+    E_p[W] is accumulated transposed, as W_bᵀ eᵀ: ~20% faster with MKL than e W_b (long M side again).
+
+    zbuf: flat fp32 buffer of at least c × block floats for the logits block, shared by all chunks and blocks.
+    """
     c, vocab = h.shape[0], weight.shape[0]
     block = vocab if vocab_block is None else min(vocab_block, vocab)
-    hs = (h.float() * inv_temp).to(weight.dtype)
+    hs = h.float() * inv_temp
     m = torch.empty(c, device=h.device, dtype=torch.float32)
     s, t, chosen = torch.zeros_like(m), torch.zeros_like(m), torch.zeros_like(m)
-    pw = torch.zeros(c, weight.shape[1], device=h.device, dtype=torch.float32) if want_pw else None
     # With E_p[W] at hand the entropy is nearly free: z is linear in W, so E_p[z] = hs · E_p[W] and
     # H = lse - E_p[z] (about 5e-5 relative error at V = 152k: fine for the logged metric it is, and it saves a
     # pass over the logits that costs ~15% of the step); only the no-grad path pays for Σ p log p per block.
+    want_pw = pw_t is not None
     block_entropy = entropy and not want_pw
     for start in range(0, vocab, block):
         w_b = weight[start : start + block]
-        z = (hs @ w_b.t()).float()  # fp32 logits block; the GEMM itself runs in the weight's dtype
+        z = block_logits(hs, w_b, zbuf)
         alpha = online_softmax_block(z, y, (m, s, t, chosen), start, start == 0, block_entropy)
         if want_pw:
             if start:
-                pw.mul_(alpha[:, None])
+                pw_t.mul_(alpha)
             if weight.dtype == torch.float32:
-                pw.addmm_(z, w_b)
+                pw_t.addmm_(w_b.t(), z.t(), beta=1.0 if start else 0.0)
             else:
-                pw.add_((z.to(weight.dtype) @ w_b).float())
+                e_w = (w_b.t() @ z.t().to(weight.dtype)).float()
+                if start:
+                    pw_t.add_(e_w)
+                else:
+                    pw_t.copy_(e_w)
     log_s = torch.log(s)
     lse = m + log_s
     logp = chosen - lse
     if want_pw:
-        pw.div_(s[:, None])
+        pw_t.div_(s)
     ent = None
     if block_entropy:
         ent = log_s - t / s
     elif entropy:
-        ent = lse - (hs.float() * pw).sum(1)
-    return logp, ent, lse, pw
+        ent = lse - (hs * pw_t.t()).sum(1)
+    return logp, ent, lse
 
 
 class _LinearLogProbs(torch.autograd.Function):
@@ -191,16 +226,17 @@ class _LinearLogProbs(torch.autograd.Function):
         logp = torch.empty(n, device=h.device, dtype=torch.float32)
         ent = torch.empty_like(logp) if entropy else None
         lse = torch.empty_like(logp)
-        pw = torch.empty(n, h.shape[1], device=h.device, dtype=torch.float32) if want_pw else None
+        pw_t = torch.empty(h.shape[1], n, device=h.device, dtype=torch.float32) if want_pw else None
+        block = weight.shape[0] if vocab_block is None else min(vocab_block, weight.shape[0])
+        zbuf = torch.empty(min(chunk, n) * block, device=h.device, dtype=torch.float32)
         for a in range(0, n, chunk):
             b = min(a + chunk, n)
-            lp, en, ls, p = _chunk_forward(h[a:b], weight, y[a:b], inv_temp, vocab_block, want_pw, entropy)
+            pw_out = pw_t[:, a:b] if want_pw else None
+            lp, en, ls = _chunk_forward(h[a:b], weight, y[a:b], inv_temp, vocab_block, entropy, zbuf, pw_out)
             logp[a:b], lse[a:b] = lp, ls
             if entropy:
                 ent[a:b] = en
-            if want_pw:
-                pw[a:b] = p
-        ctx.save_for_backward(h, weight, y, lse, pw)
+        ctx.save_for_backward(h, weight, y, lse, None if pw_t is None else pw_t.t())
         ctx.cfg = (inv_temp, chunk, vocab_block)
         if ent is not None:
             ctx.mark_non_differentiable(ent)
@@ -213,7 +249,8 @@ class _LinearLogProbs(torch.autograd.Function):
         g = grad_logp.float()
         grad_h = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_h = ((weight[y].float() - pw) * (g * inv_temp)[:, None]).to(h.dtype)
+            # in place on one [N, H] temporary: this is the memory-lean setting's peak
+            grad_h = weight[y].float().sub_(pw).mul_((g * inv_temp)[:, None]).to(h.dtype)
         if ctx.needs_input_grad[1]:
             grad_w = _weight_grad(h, weight, y, lse, g, inv_temp, chunk, vocab_block)
         return grad_h, grad_w, None, None, None, None, None, None
@@ -223,33 +260,27 @@ def _weight_grad(h, weight, y, lse, g, inv_temp, chunk, vocab_block):
     """Σ_t g_t (onehot(y_t) - p_t) ⊗ h_t / T, recomputing the logits chunk by chunk (second pass)."""
     vocab = weight.shape[0]
     block = vocab if vocab_block is None else min(vocab_block, vocab)
-    fp32 = weight.dtype == torch.float32
-    grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+    grad_w = torch.empty(weight.shape, device=weight.device, dtype=torch.float32)  # the first chunk overwrites it
     zbuf = torch.empty(min(chunk, h.shape[0]) * block, device=h.device, dtype=torch.float32)
     for a in range(0, h.shape[0], chunk):
         hs = h[a : a + chunk].float() * inv_temp
         ga, ya, la = g[a : a + chunk], y[a : a + chunk], lse[a : a + chunk]
         for start in range(0, vocab, block):
             w_b = weight[start : start + block]
-            z = zbuf[: hs.shape[0] * w_b.shape[0]].view(hs.shape[0], w_b.shape[0])
-            if fp32:
-                torch.mm(hs, w_b.t(), out=z)
-            else:
-                z.copy_(hs.to(weight.dtype) @ w_b.t())
-            z.sub_(la[:, None]).exp_()  # p
-            accumulate_head_grad(grad_w[start : start + block], z, ga, ga, hs, ya, start)
+            z = block_logits(hs, w_b, zbuf).sub_(la[:, None]).exp_()  # p
+            accumulate_head_grad(grad_w[start : start + block], z, ga, ga, hs, ya, start, first=a == 0)
     return grad_w.to(weight.dtype)
 
 
-def accumulate_head_grad(grad_w, e, e_scale, g, hs, y, start: int) -> None:
+def accumulate_head_grad(grad_w, e, e_scale, g, hs, y, start: int, first: bool = False) -> None:
     """grad_w += Σ_t (g_t onehot(y_t - start) - e_scale_t e_t) ⊗ hs_t, in place: the LM head's gradient from one
     chunk and vocabulary block, with d loss / d logits = g (onehot - p) and p = e_scale / g · e.
 
     grad_w [n, H] fp32 (rows start .. start + n of the head), e [c, n] fp32, e_scale / g [c], hs [c, H] fp32.
     The per-token scale goes on the small [c, H] operand of the GEMM, not on the [c, n] block, and the one-hot
-    part is a scatter-add of c rows.
+    part is a scatter-add of c rows. `first`: grad_w holds garbage and is overwritten (saves zero-filling [V, H]).
     """
-    grad_w.addmm_(e.t(), hs * (-e_scale)[:, None])
+    grad_w.addmm_(e.t(), hs * (-e_scale)[:, None], beta=0.0 if first else 1.0)
     local = y - start
     hit = ((local >= 0) & (local < grad_w.shape[0])).nonzero().squeeze(1)
     if hit.numel():  # index_put_ (accumulating, repeated ids add up): ~12x faster than index_add_ on CPU here

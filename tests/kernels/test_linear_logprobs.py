@@ -149,3 +149,32 @@ def test_triton_block_update_equals_torch_update():
     for a, b in zip(*states):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     del g
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_logits_layout_and_values(monkeypatch, dtype):
+    """CPU: logits stored transposed (the fast MKL layout) but equal to hs wᵀ; the Triton path gets rows."""
+    hs, w, _ = _inputs(6, 16, 50)
+    buf = torch.full((6 * 50 + 7,), float("nan"))
+    z = mod.block_logits(hs, w.to(dtype), buf)
+    assert z.shape == (6, 50) and z.dtype == torch.float32 and z.stride() == (1, 6)
+    # same GEMM up to summation order (fp32), or the bf16 GEMM's rounding
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(z, (hs.to(dtype) @ w.to(dtype).t()).float(), atol=tol, rtol=tol)
+    monkeypatch.setattr(mod, "_use_triton", lambda x: True)
+    z = mod.block_logits(hs, w, buf)
+    assert z.stride() == (50, 1)
+    torch.testing.assert_close(z, hs @ w.t())
+
+
+def test_first_head_grad_block_overwrites_garbage():
+    """`first=True` must ignore whatever the (torch.empty) gradient buffer held, NaN included."""
+    hs, w, y = _inputs(5, 8, 30)
+    e, g = torch.rand(5, 30), torch.randn(5)
+    clean = torch.zeros(30, 8)
+    mod.accumulate_head_grad(clean, e, g * 0.5, g, hs, y, 0)
+    dirty = torch.full((30, 8), float("nan"))
+    mod.accumulate_head_grad(dirty, e, g * 0.5, g, hs, y, 0, first=True)
+    torch.testing.assert_close(dirty, clean)
+    expected = (g[:, None] * (torch.nn.functional.one_hot(y, 30) - 0.5 * e)).t() @ hs
+    torch.testing.assert_close(clean, expected, atol=1e-5, rtol=1e-5)

@@ -64,36 +64,60 @@ def _qwen_processor():
     )
 
 
-def _encoder(tokenizer):
+def qwen_encoder_config(
+    tokenizer,
+    *,
+    vocab_size: int,
+    text_hidden: int,
+    vision_hidden: int,
+    projector_hidden: int,
+    joint_dim: int,
+    text_layers: int = 2,
+    vision_depth: int = 2,
+    max_position_embeddings: int = 4096,
+    rope_theta: float = 10000.0,
+    tie_word_embeddings: bool = False,
+):
+    """A small Qwen2.5-VL config with the real architecture (4 attention heads, 2 KV heads, mrope, windowed ViT
+    with full attention in its last block, 2x2 patch merge), its special-token ids taken from `tokenizer`.
+
+    Shared by the tiny preset and the stage-2a benchmark's checkpoint (real vocabulary and image-token count).
+    """
     from transformers import Qwen2_5_VLConfig
 
-    from ..models.encoder import UAEEncoder, attention_implementation
+    from ..models.encoder import attention_implementation
 
     names = ("<|endoftext|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in names}
-    head_dim = TINY["text_hidden"] // 4
-    config = Qwen2_5_VLConfig(
+    # mrope splits head_dim / 2 rotary frequencies over (time, height, width) as Qwen does: 1/4, 3/8, 3/8.
+    rotary = text_hidden // 4 // 2
+    time = rotary // 4
+    height = (rotary - time) // 2
+    return Qwen2_5_VLConfig(
         text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": TINY["text_hidden"],
-            "intermediate_size": 2 * TINY["text_hidden"],
-            "num_hidden_layers": 2,
+            "vocab_size": vocab_size,
+            "hidden_size": text_hidden,
+            "intermediate_size": 2 * text_hidden,
+            "num_hidden_layers": text_layers,
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
-            "max_position_embeddings": 4096,
-            # mrope sections split head_dim / 2 rotary frequencies over (time, height, width).
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            "max_position_embeddings": max_position_embeddings,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": rope_theta,
+                "mrope_section": [time, height, rotary - time - height],
+            },
             "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"],
             "pad_token_id": ids["<|endoftext|>"],
         },
         vision_config={
-            "depth": 2,
-            "hidden_size": TINY["vision_hidden"],
-            "intermediate_size": 2 * TINY["vision_hidden"],
+            "depth": vision_depth,
+            "hidden_size": vision_hidden,
+            "intermediate_size": 2 * vision_hidden,
             "num_heads": 2,
-            "out_hidden_size": TINY["text_hidden"],
-            "fullatt_block_indexes": [1],
+            "out_hidden_size": text_hidden,
+            "fullatt_block_indexes": [vision_depth - 1],
             "window_size": 112,
             "patch_size": 14,
             "spatial_merge_size": 2,
@@ -103,18 +127,40 @@ def _encoder(tokenizer):
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
-        projector_hidden_size=TINY["projector_hidden"],
-        projector_out_size=TINY["joint_dim"],
+        projector_hidden_size=projector_hidden,
+        projector_out_size=joint_dim,
+        tie_word_embeddings=tie_word_embeddings,
         attn_implementation=attention_implementation(),
     )
-    assert head_dim // 2 == sum(config.text_config.rope_parameters["mrope_section"])
+
+
+def qwen_encoder(config, tokenizer, *, lm_head_scale: float = 1.0, projector_out_scale: float = 1.0):
+    """A `UAEEncoder` with random weights from `qwen_encoder_config`, optionally with a larger LM head / projector
+    output (see TINY), in eval mode and generating until `<|im_end|>`."""
+    from ..models.encoder import UAEEncoder
+
     model = UAEEncoder(config)
     with torch.no_grad():
-        model.lm_head.weight.mul_(TINY["lm_head_scale"])
-        model.projector[2].weight.mul_(TINY["projector_out_scale"])
-    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+        model.lm_head.weight.mul_(lm_head_scale)
+        model.projector[2].weight.mul_(projector_out_scale)
+    eos, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    model.generation_config.eos_token_id = [eos, pad]
+    model.generation_config.pad_token_id = pad
     return model.eval()
+
+
+def _encoder(tokenizer):
+    config = qwen_encoder_config(
+        tokenizer,
+        vocab_size=len(tokenizer),
+        text_hidden=TINY["text_hidden"],
+        vision_hidden=TINY["vision_hidden"],
+        projector_hidden=TINY["projector_hidden"],
+        joint_dim=TINY["joint_dim"],
+    )
+    return qwen_encoder(
+        config, tokenizer, lm_head_scale=TINY["lm_head_scale"], projector_out_scale=TINY["projector_out_scale"]
+    )
 
 
 def _text_encoders(tokenizer_clip, tokenizer_t5) -> TextEncoders:
