@@ -10,7 +10,7 @@ each for a frozen and a trainable head. Peak memory is measured per variant in a
 mark above what the inputs already hold.
 
     python benchmarks/bench_grpo_loss.py            # V=151,936, H=2048 and 1024, N = 8 captions x 256 tokens
-    python benchmarks/bench_grpo_loss.py --quick    # N = 128, same rows, under a minute
+    python benchmarks/bench_grpo_loss.py --quick    # N = 128, H = 512, same rows, a smoke run
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ def bench(n: int, hidden: int, repeats: int, threads: int) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="N=128 tokens, 3 repeats, H=2048 only")
+    p.add_argument("--quick", action="store_true", help="N=128 tokens, H=512, 2 repeats: a smoke run of every row")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--hidden", type=int, nargs="*", default=None)
@@ -224,8 +224,8 @@ def main() -> None:
     if a.child:
         return child(a.child, a.n, a.hidden[0], a.train_head, a.threads)
     n = a.n or (128 if a.quick else CAPTIONS * 256)
-    repeats = a.repeats or (3 if a.quick else 5)
-    for hidden in a.hidden or ([2048] if a.quick else [2048, 1024]):
+    repeats = a.repeats or (2 if a.quick else 5)
+    for hidden in a.hidden or ([512] if a.quick else [2048, 1024]):
         print(bench(n, hidden, repeats, a.threads), flush=True)
         print()
 
