@@ -137,7 +137,7 @@ def _encoder(tokenizer, joint_dim: int):
         rope_theta=1000000.0,
         tie_word_embeddings=True,  # as Qwen2.5-VL-3B, UAE's encoder
     )
-    return qwen_encoder(config, tokenizer)
+    return qwen_encoder(config)
 
 
 def build_checkpoint(folder: str | Path, seed: int = 0) -> Path:

@@ -157,20 +157,14 @@ def block_logits(hs: torch.Tensor, w_b: torch.Tensor, buf: torch.Tensor) -> torc
     its dtype and keeps the logits in fp32.
     """
     c, n = hs.shape[0], w_b.shape[0]
-    flat = buf[: c * n]
-    if _use_triton(hs):
-        z = flat.view(c, n)
-        if w_b.dtype == torch.float32:
-            torch.mm(hs, w_b.t(), out=z)
-        else:
-            z.copy_(hs.to(w_b.dtype) @ w_b.t())
-        return z
-    zt = flat.view(n, c)
+    rows = _use_triton(hs)
+    hs = hs.to(w_b.dtype)
+    out, a, b = (buf[: c * n].view(c, n), hs, w_b.t()) if rows else (buf[: c * n].view(n, c), w_b, hs.t())
     if w_b.dtype == torch.float32:
-        torch.mm(w_b, hs.t(), out=zt)
+        torch.mm(a, b, out=out)
     else:
-        zt.copy_(w_b @ hs.to(w_b.dtype).t())
-    return zt.t()
+        out.copy_(a @ b)
+    return out if rows else out.t()
 
 
 def _chunk_forward(h, weight, y, inv_temp, vocab_block, entropy, zbuf, pw_t):

@@ -16,7 +16,7 @@ import torch
 from ..models.components import UAEComponents
 from ..models.decoder import TextEncoders
 
-__all__ = ["TINY", "tiny_assets_dir", "build_tiny"]
+__all__ = ["TINY", "tiny_assets_dir", "build_tiny", "qwen_encoder_config", "qwen_encoder"]
 
 # Sizes chosen so a reconstruct of 4 images takes about a second on 2 cores. The decoder's joint attention width
 # equals the projector output (llm mode) and the T5 width (text mode); the two CLIP widths sum to it.
@@ -134,7 +134,7 @@ def qwen_encoder_config(
     )
 
 
-def qwen_encoder(config, tokenizer, *, lm_head_scale: float = 1.0, projector_out_scale: float = 1.0):
+def qwen_encoder(config, *, lm_head_scale: float = 1.0, projector_out_scale: float = 1.0):
     """A `UAEEncoder` with random weights from `qwen_encoder_config`, optionally with a larger LM head / projector
     output (see TINY), in eval mode and generating until `<|im_end|>`."""
     from ..models.encoder import UAEEncoder
@@ -143,9 +143,9 @@ def qwen_encoder(config, tokenizer, *, lm_head_scale: float = 1.0, projector_out
     with torch.no_grad():
         model.lm_head.weight.mul_(lm_head_scale)
         model.projector[2].weight.mul_(projector_out_scale)
-    eos, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    model.generation_config.eos_token_id = [eos, pad]
-    model.generation_config.pad_token_id = pad
+    text = config.text_config
+    model.generation_config.eos_token_id = [text.eos_token_id, text.pad_token_id]
+    model.generation_config.pad_token_id = text.pad_token_id
     return model.eval()
 
 
@@ -158,9 +158,7 @@ def _encoder(tokenizer):
         projector_hidden=TINY["projector_hidden"],
         joint_dim=TINY["joint_dim"],
     )
-    return qwen_encoder(
-        config, tokenizer, lm_head_scale=TINY["lm_head_scale"], projector_out_scale=TINY["projector_out_scale"]
-    )
+    return qwen_encoder(config, lm_head_scale=TINY["lm_head_scale"], projector_out_scale=TINY["projector_out_scale"])
 
 
 def _text_encoders(tokenizer_clip, tokenizer_t5) -> TextEncoders:
