@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 
 import uae_fast
+from uae_fast.data.images import load_image
 from uae_fast.errors import CheckpointError, ConfigError, ImageLoadError
 from uae_fast.train import G4UTrainer, load_train_config
+from uae_fast.train.metrics import MetricsLogger
+from uae_fast.train.schedule import lr_factor
 
 
 def make(tmp_path, *overrides, uae=None):
@@ -30,8 +36,9 @@ def _lora_state(trainer) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in trainer.policy.encoder.named_parameters() if p.requires_grad}
 
 
-def _sgd_delta(trainer) -> dict[str, torch.Tensor]:
-    """Parameter change of one update with plain SGD (lr 1): minus the accumulated gradient, unnormalised."""
+def _sgd_delta(trainer) -> tuple[dict[str, torch.Tensor], float]:
+    """Parameter change of one update with plain SGD (lr 1): minus the accumulated gradient, unnormalised; and the
+    logged loss."""
     params = trainer.policy.trainable_parameters()
     trainer.optimizer = torch.optim.SGD(params, lr=1.0)
     trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda _: 1.0)
@@ -39,17 +46,19 @@ def _sgd_delta(trainer) -> dict[str, torch.Tensor]:
     batch = trainer.rollout(trainer.dataset.next_batch(trainer.config.images_per_step))
     trainer.reconstruct(batch)
     trainer.score(batch)
-    trainer.update([batch])
-    return {n: p - before[n] for n, p in _lora_state(trainer).items()}
+    loss = trainer.update([batch])["loss"]
+    return {n: p - before[n] for n, p in _lora_state(trainer).items()}, loss
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
 def test_micro_batches_add_up_to_the_whole_batch(tmp_path, loss_type):
-    """Gradient accumulation over one-group micro-batches == one pass over the whole batch, per loss type."""
+    """Gradient accumulation over one-group micro-batches == one pass over the whole batch, per loss type; the
+    logged loss is the whole batch's loss too (it was ~1/K of it for dapo with K micro-batches)."""
     common = [f"loss.loss_type={loss_type}", "max_grad_norm=0"]
-    whole = _sgd_delta(make(tmp_path / "a", *common, "micro_batch_tokens=100000"))
-    split = _sgd_delta(make(tmp_path / "b", *common, "micro_batch_tokens=1"))  # every group on its own
+    whole, whole_loss = _sgd_delta(make(tmp_path / "a", *common, "micro_batch_tokens=100000"))
+    split, split_loss = _sgd_delta(make(tmp_path / "b", *common, "micro_batch_tokens=1"))  # every group on its own
     assert any(d.abs().max() > 0 for d in whole.values())
+    assert whole_loss != 0 and split_loss == pytest.approx(whole_loss, rel=1e-4, abs=1e-7)
     for name in whole:
         torch.testing.assert_close(split[name], whole[name], atol=1e-6, rtol=1e-4)
 
@@ -138,6 +147,7 @@ def test_all_equal_rewards_skip_the_update(tmp_path):
     metrics = trainer.train_step()
     assert metrics["frac_reward_zero_std"] == 1.0 and metrics["update/sequences"] == 0
     assert all(torch.equal(p, before[n]) for n, p in _lora_state(trainer).items())
+    assert trainer.scheduler.last_epoch == 1  # the schedule still advanced: it ends at max_steps as planned
 
 
 def _image_folder(path, demo, bad: bool):
@@ -220,3 +230,85 @@ def test_accumulation_and_reference_caption_length(tmp_path, demo):
     assert trainer.scheduler.last_epoch == 1
     expected = len(trainer.policy.tokenizer("a tabby cat on a red sofa").input_ids)
     assert metrics["completions/reference_mean_length"] == expected
+
+
+def test_each_image_is_decoded_once_per_step_for_policy_and_reward(tmp_path, demo):
+    """The native data path: file bytes → one ImageDecoder call per step → the same arrays to the captioner's C++
+    preprocessing and to the reward; pixels equal Pillow's (load_image)."""
+    folder = _image_folder(tmp_path / "data", demo, bad=False)
+    trainer = make(tmp_path / "run", f"data.images={folder}", "data.shuffle=false")
+    calls, seen = [], {}
+    decode = trainer.dataset.decoder.decode
+    trainer.dataset.decoder.decode = lambda blobs, **kw: calls.append(len(blobs)) or decode(blobs, **kw)
+    encode, reward = trainer.policy.encode_images, trainer.reward
+    trainer.policy.encode_images = lambda images, **kw: seen.setdefault("policy", images) and encode(images, **kw)
+    trainer.reward = lambda sources, *a, **kw: seen.setdefault("reward", sources) and reward(sources, *a, **kw)
+    trainer.train_step()
+    assert calls == [2]  # one batch of 2 images, decoded once
+    assert all(p is r for p, r in zip(seen["policy"], seen["reward"]))
+    for i, pixels in enumerate(seen["policy"]):
+        assert np.array_equal(pixels, np.asarray(load_image(folder / f"img{i}.png")))
+
+
+def test_a_folder_holding_a_run_is_refused_before_loading(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    (run / "checkpoint-40").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 40}\n')
+    import uae_fast.api
+
+    monkeypatch.setattr(uae_fast.api, "load", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    with pytest.raises(ConfigError, match="already holds a run .*--resume .*--overwrite"):
+        uae_fast.train("g4u_tiny", [f"output_dir={run}"])
+    with pytest.raises(ConfigError, match="exclude each other"):
+        uae_fast.train("g4u_tiny", [f"output_dir={run}", "resume=auto", "overwrite=true"])
+
+
+def test_overwrite_replaces_the_old_run(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoint-40").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 40, "reward": 9}\n')
+    (run / "notes.txt").write_text("mine")  # not a run file: kept
+    make(run, "max_steps=1", "overwrite=true").train()
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert (run / "notes.txt").read_text() == "mine"
+
+
+def test_resume_without_checkpoint_says_it_starts_fresh(tmp_path, capsys):
+    make(tmp_path / "run", "max_steps=1", "resume=auto").train()
+    assert "no checkpoint in" in capsys.readouterr().err and (tmp_path / "run" / "checkpoint-1").is_dir()
+
+
+def test_resume_tolerates_a_torn_metrics_line(tmp_path):
+    """A crash mid-write leaves half a JSON line: resume drops it and logs each step once."""
+    make(tmp_path, "max_steps=2", "save_steps=2").train()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "rew')  # the crash
+    make(tmp_path, "max_steps=3", "save_steps=2", "resume=auto").train()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+def test_job_logs_get_one_line_per_logging_step(tmp_path):
+    """Outside a terminal tqdm prints nothing: the logger writes a plain line per logging step instead."""
+    stream = io.StringIO()
+    logger = MetricsLogger(tmp_path, total_steps=4, tensorboard=False, stream=stream)
+    for step in (1, 2):
+        logger.log(step, {"reward": 0.25, "kl": 0.5, "samples_per_s": 8.0})
+        logger.advance()
+    logger.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("step 2/4 | reward 0.25 | kl 0.5 | samples/s 8 | eta ")
+
+
+@pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
+def test_lr_schedule(kind):
+    warmup, total = 2, 10
+    expected = {
+        "constant": lambda p: 1.0,
+        "linear": lambda p: 1 - p,
+        "cosine": lambda p: (1 + math.cos(math.pi * p)) / 2,
+    }
+    for update in range(12):
+        want = (update + 1) / 3 if update < warmup else expected[kind](min((update - 2) / 8, 1.0))
+        assert lr_factor(update, warmup=warmup, total=total, kind=kind) == pytest.approx(want)

@@ -36,12 +36,16 @@ _LAZY = {
 def train(config=None, overrides: list[str] | tuple = ()) -> Path:
     """Run training; `config` is a TrainConfig, a dict, a YAML path or a shipped config name. Returns the run dir."""
     from .config import TrainConfig, load_train_config
-    from .g4u import G4UTrainer
+    from .run_folder import prepare_run_folder
 
     if not isinstance(config, TrainConfig):
         config = load_train_config(config, overrides)
     elif overrides:
         config = load_train_config(config.to_dict(), overrides)
+    # Refuse a wrong run folder before the models load (seconds to minutes), not after.
+    prepare_run_folder(config.output_dir, resume=config.resume, overwrite=config.overwrite, check_only=True)
+    from .g4u import G4UTrainer
+
     trainers = {"g4u": G4UTrainer}
     return trainers[config.stage](config).train()
 

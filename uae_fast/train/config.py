@@ -30,6 +30,7 @@ __all__ = [
 
 STAGES = ("g4u",)
 SCHEDULERS = ("constant", "linear", "cosine")
+DECODERS = ("auto", "dali", "dali-cpu", "dali-mixed", "cpu")
 
 
 @dataclass
@@ -40,8 +41,18 @@ class DataConfig:
     shuffle: bool = field(default=True, metadata={"help": "reshuffle the images every epoch (seeded)"})
     on_bad_image: str = field(default="skip", metadata={"help": "'skip' (count and go on) or 'abort'"})
     max_image_pixels: int = field(default=DEFAULT_MAX_IMAGE_PIXELS, metadata={"help": "refuse larger images"})
+    decoder: str = field(
+        default="auto",
+        metadata={"help": "image decoder: 'auto' (DALI when installed, nvJPEG on a GPU; else libjpeg-turbo/Pillow), "
+                  "'dali', 'dali-cpu', 'dali-mixed' or 'cpu'"},
+    )  # fmt: skip
+    decode_threads: int = field(default=1, metadata={"help": "decoder threads"})
 
     def __post_init__(self):
+        if self.decoder not in DECODERS:
+            raise ConfigError(f"data.decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
+        if self.decode_threads < 1:
+            raise ConfigError(f"data.decode_threads must be >= 1, got {self.decode_threads}")
         if self.on_bad_image not in ("skip", "abort"):
             raise ConfigError(f"data.on_bad_image must be 'skip' or 'abort', got {self.on_bad_image!r}")
         if not self.images:
@@ -145,6 +156,9 @@ class TrainConfig:
     tensorboard: bool = field(default=True, metadata={"help": "write TensorBoard event files"})
     resume: str | None = field(
         default=None, metadata={"help": "'auto' (latest checkpoint in output_dir) or a checkpoint folder"}
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "replace an earlier run in output_dir (otherwise a run folder is refused)"}
     )
     save_final_model: bool = field(
         default=True, metadata={"help": "write output_dir/final/ in the released layout (loadable by uae_fast.load)"}

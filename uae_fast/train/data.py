@@ -1,19 +1,24 @@
-"""Training images: a folder (or the demo photographs), a seeded order per epoch, and a resumable position.
+"""Training images: file bytes → one decode per step (the native data path) → the policy and the reward.
 
-Images are decoded when a batch is drawn, so a bad file is found mid-run: it is skipped and counted (or aborts the
-run, as configured) and the batch is filled from the next images. The position (epoch, index) is all a resume
-needs: the order of epoch e is a permutation drawn from (seed, e) alone.
+Images are read as bytes and decoded when a batch is drawn, by :class:`uae_fast.data.decode.ImageDecoder` (DALI
+when installed — nvJPEG on a GPU —, else libjpeg-turbo / Pillow), into uint8 [H, W, 3] arrays that both the
+captioner's C++ preprocessing and the reward's on-device preprocessing take: each image is decoded once per step.
+A bad file is found mid-run: it is skipped and counted (or aborts the run, as configured) and the batch is filled
+from the next images. The position (epoch, index) is all a resume needs: the order of epoch e is a permutation drawn
+from (seed, e) alone.
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image
 
-from ..data.images import list_image_files, load_image
+from ..data.decode import ImageDecoder
+from ..data.images import list_image_files
 from ..errors import ConfigError, ImageLoadError
 from .config import DataConfig
 
@@ -23,7 +28,7 @@ __all__ = ["TrainImage", "ImageDataset"]
 @dataclass
 class TrainImage:
     key: str  # stable id: the file name (cache key of the reward's source features)
-    image: Image.Image
+    pixels: np.ndarray  # [H, W, 3] uint8 RGB, decoded once for the policy and the reward
     reference_caption: str | None = None  # from a sidecar <stem>.txt, when the dataset has one
 
 
@@ -36,13 +41,13 @@ class ImageDataset:
     epoch: int = 0
     index: int = 0  # position inside the epoch's order
     skipped: list[dict] = field(default_factory=list)  # {"image", "reason"} of every image that failed to load
-    _sources: list = field(default_factory=list, init=False, repr=False)
+    _sources: list = field(default_factory=list, init=False, repr=False)  # (key, Path or encoded bytes)
 
     def __post_init__(self):
         if self.config.demo:
             from ..data.demo import demo_images
 
-            self._sources = [(im.name, im.image) for im in demo_images()]
+            self._sources = [(im.name, _png_bytes(im.image)) for im in demo_images()]  # lossless: same pixels
         else:
             try:
                 self._sources = [(p.name, p) for p in list_image_files(self.config.images)]
@@ -50,6 +55,9 @@ class ImageDataset:
                 raise ConfigError(f"data.images: {exc}") from None
         if not self._sources:
             raise ConfigError("the training dataset is empty")
+        self.decoder = ImageDecoder(
+            self.config.decoder, threads=self.config.decode_threads, max_pixels=self.config.max_image_pixels
+        )
 
     def __len__(self) -> int:
         return len(self._sources)
@@ -60,45 +68,71 @@ class ImageDataset:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(len(self._sources), generator=generator).tolist()
 
+    def _draw(self) -> tuple[str, object]:
+        if self.index >= len(self._sources):
+            self.epoch, self.index = self.epoch + 1, 0
+        key, source = self._sources[self._order(self.epoch)[self.index]]
+        self.index += 1
+        return key, source
+
     def next_batch(self, size: int) -> list[TrainImage]:
-        """The next `size` loadable images, wrapping into new epochs; bad ones are skipped and counted.
+        """The next `size` decodable images, wrapping into new epochs; bad ones are skipped and counted.
 
         Raises:
             ImageLoadError: an image failed and `on_bad_image` is 'abort'.
-            ConfigError: a whole epoch passed without one loadable image.
+            ConfigError: a whole epoch passed without one decodable image.
         """
         batch: list[TrainImage] = []
         failures_in_a_row = 0
         while len(batch) < size:
-            if self.index >= len(self._sources):
-                self.epoch, self.index = self.epoch + 1, 0
-            key, source = self._sources[self._order(self.epoch)[self.index]]
-            self.index += 1
-            try:
-                image = load_image(source, max_pixels=self.config.max_image_pixels, name=key)
-            except ImageLoadError as exc:
-                if self.config.on_bad_image == "abort":
-                    raise ImageLoadError(f"{exc} (set data.on_bad_image=skip to skip bad images)") from None
-                self.skipped.append({"image": key, "reason": str(exc)})
-                failures_in_a_row += 1
-                if failures_in_a_row >= len(self._sources):
-                    raise ConfigError(f"none of the {len(self._sources)} training images can be loaded") from None
-                continue
-            failures_in_a_row = 0
-            batch.append(TrainImage(key, image, _reference_caption(source)))
+            drawn = [self._draw() for _ in range(size - len(batch))]
+            decoded = self._decode([source for _, source in drawn], [key for key, _ in drawn])
+            for (key, source), pixels in zip(drawn, decoded):
+                if isinstance(pixels, ImageLoadError):
+                    if self.config.on_bad_image == "abort":
+                        raise ImageLoadError(f"{pixels} (set data.on_bad_image=skip to skip bad images)") from None
+                    self.skipped.append({"image": key, "reason": str(pixels)})
+                    failures_in_a_row += 1
+                    if failures_in_a_row >= len(self._sources):
+                        raise ConfigError(f"none of the {len(self._sources)} training images can be loaded")
+                    continue
+                failures_in_a_row = 0
+                batch.append(TrainImage(key, pixels, _reference_caption(source)))
         return batch
 
+    def _decode(self, sources: list, keys: list[str]) -> list[np.ndarray | ImageLoadError]:
+        """Decode a batch in one call; when it fails, decode one by one to tell the bad images from the good."""
+        blobs = []
+        for key, source in zip(keys, sources):
+            try:
+                blobs.append(source.read_bytes() if isinstance(source, Path) else source)
+            except OSError as exc:
+                blobs.append(ImageLoadError(f"{key}: cannot be read ({exc.strerror or exc})"))
+        if not any(isinstance(b, ImageLoadError) for b in blobs):
+            try:
+                return self.decoder.decode(blobs)
+            except ImageLoadError:
+                pass  # rare: find the culprit below
+        out: list[np.ndarray | ImageLoadError] = []
+        for key, blob in zip(keys, blobs):
+            if isinstance(blob, ImageLoadError):
+                out.append(blob)
+                continue
+            try:
+                out.append(self.decoder.decode([blob])[0])
+            except ImageLoadError as exc:  # the decoder says "image 0: ..."; name the file instead
+                out.append(ImageLoadError(f"{key}: {str(exc).removeprefix('image 0: ')}"))
+        return out
+
     def preview(self, count: int) -> list[TrainImage]:
-        """The first `count` loadable images in file order (for reports; does not move the position)."""
+        """The first `count` decodable images in file order (for reports; does not move the position)."""
         out = []
         for key, source in self._sources:
             if len(out) == count:
                 break
-            try:
-                out.append(TrainImage(key, load_image(source, max_pixels=self.config.max_image_pixels, name=key),
-                                      _reference_caption(source)))  # fmt: skip
-            except ImageLoadError:
-                continue
+            pixels = self._decode([source], [key])[0]
+            if not isinstance(pixels, ImageLoadError):
+                out.append(TrainImage(key, pixels, _reference_caption(source)))
         return out
 
     def state_dict(self) -> dict:
@@ -110,6 +144,12 @@ class ImageDataset:
                 f"the resumed run had {state['num_images']} training images, this dataset has {len(self._sources)}"
             )
         self.epoch, self.index, self.skipped = state["epoch"], state["index"], list(state["skipped"])
+
+
+def _png_bytes(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _reference_caption(source) -> str | None:

@@ -10,33 +10,22 @@ policy is the base model with its adapters disabled; in `llm` conditioning the d
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import statistics
-import time
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, ConfigError, UAEError
-from ..io import ensure_output_dir, write_text_atomic
+from ..errors import UAEError
 from ..rewards.reconstruction import ReconstructionReward
 from ..rl.grpo import GroupAdvantages, PackedCompletions, completion_logprobs, group_advantages, grpo_loss
 from .config import TrainConfig
 from .data import ImageDataset, TrainImage
-from .metrics import MetricsLogger
+from .loop import StageTrainer
 from .policy import CaptionPolicy, Completions, ImageBatch
-from .state import (
-    check_same_config,
-    latest_checkpoint,
-    load_trainer_state,
-    prune_checkpoints,
-    restore_optimizer,
-    restore_rng,
-    save_checkpoint,
-)
+from .schedule import PhaseTimer
 
 __all__ = ["RolloutBatch", "G4UTrainer"]
 
@@ -61,24 +50,7 @@ def _seed(*parts: int) -> int:
     return zlib.crc32(repr(parts).encode()) * 2654435761 % (2**63)
 
 
-class _Timer:
-    """Wall time of a phase, synchronising CUDA so asynchronous kernels are charged to the right phase."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.times = device, {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        start = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
-
-
-class G4UTrainer:
+class G4UTrainer(StageTrainer):
     """GRPO on the encoder (recipe: setup → [rollout → reconstruct → score] x accumulation → update → save).
 
     Args:
@@ -102,30 +74,17 @@ class G4UTrainer:
         self.policy = CaptionPolicy(self.uae.encoder, self.uae.processor, cfg.lora)
         self.reward = ReconstructionReward.from_config(cfg.reward, device=self.device)
         self.dataset = ImageDataset(cfg.data, seed=cfg.seed)
-        params = self.policy.trainable_parameters()
-        self.optimizer = torch.optim.AdamW(
-            params, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.build_optimizer(self.policy.trainable_parameters())
 
-    def _lr_factor(self, update: int) -> float:
-        cfg = self.config
-        if update < cfg.warmup_steps:
-            return (update + 1) / (cfg.warmup_steps + 1)
-        total = max(cfg.max_steps * cfg.num_iterations - cfg.warmup_steps, 1)
-        progress = min((update - cfg.warmup_steps) / total, 1.0)
-        if cfg.lr_scheduler == "linear":
-            return 1.0 - progress
-        if cfg.lr_scheduler == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0
+    def adapters(self) -> dict:
+        return {"llm_lora": self.policy.peft_model}
 
     # ------------------------------------------------------------------ phases
     @torch.no_grad()
     def rollout(self, images: list[TrainImage], chunk: int = 0) -> RolloutBatch:
         """Encode each image once and sample G captions per image."""
         cfg = self.config
-        encoded = self.policy.encode_images([im.image for im in images])
+        encoded = self.policy.encode_images([im.pixels for im in images])
         generator = torch.Generator(self.device).manual_seed(_seed(cfg.seed, self.step, chunk))
         completions = self.policy.sample(
             encoded,
@@ -148,7 +107,7 @@ class G4UTrainer:
         """In llm mode the decoder's caption encoding runs the encoder's LLM: with adapters off by default."""
         if self.config.decoder.conditioning == "llm" and not self.config.decoder.adapters_in_conditioning:
             return self.policy.adapters_disabled()
-        self.uae._negative = None  # the negative prompt's embedding moves with the adapters: recompute it
+        self.uae.clear_conditioning_cache()  # the negative prompt's embedding moves with the adapters: recompute it
         return contextlib.nullcontext()
 
     @torch.no_grad()
@@ -175,7 +134,7 @@ class G4UTrainer:
         """Rewards (NaN where invalid: left out of the group statistics, advantage 0) and group advantages."""
         cfg = self.config
         out = self.reward(
-            [im.image for im in batch.images],
+            [im.pixels for im in batch.images],
             batch.reconstructions,
             source_ids=[im.key for im in batch.images],
             num_generations=cfg.num_generations,
@@ -202,7 +161,11 @@ class G4UTrainer:
         include = [bool(a != 0) or cfg.loss.beta > 0 for a in advantages.tolist()]
         total_tokens = sum(len(c) for c in completions)
         metrics: dict[str, list] = {}
-        if not any(include):
+        if not any(include):  # no learning signal: no update, but the schedule still advances as planned
+            with warnings.catch_warnings():  # torch warns of a scheduler step without an optimizer step: intended
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(cfg.num_iterations):
+                    self.scheduler.step()
             return {"loss": 0.0, "grad_norm": 0.0, "update/sequences": 0}
         micro = self._micro_batches(rows, completions, include, encoded)
 
@@ -221,7 +184,9 @@ class G4UTrainer:
                 old = {k: logprobs_of(index) for k, index in enumerate(micro)}
 
         params = self.policy.trainable_parameters()
+        batch_losses = []
         for _ in range(cfg.num_iterations):
+            batch_loss = 0.0  # the whole batch's loss: the scaled micro-batch losses add up to it
             for k, index in enumerate(micro):
                 hidden, tokens, seq = self.policy.completion_hidden(
                     encoded, [rows[i] for i in index], [completions[i] for i in index]
@@ -235,15 +200,18 @@ class G4UTrainer:
                         f"step {self.step + 1}: the loss is {float(loss)}; the model diverged (non-finite rewards "
                         "are masked out) — lower learning_rate"
                     )
-                (loss * self._micro_scale(len(index), len(tokens), len(completions), total_tokens)).backward()
+                scaled = loss * self._micro_scale(len(index), len(tokens), len(completions), total_tokens)
+                scaled.backward()
+                batch_loss += float(scaled.detach())
                 for key, value in m.items():
                     metrics.setdefault(key, []).append((float(value), len(tokens)))
-                metrics.setdefault("loss", []).append((float(loss.detach()), len(tokens)))
+            batch_losses.append(batch_loss)
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         out = {k: sum(v * w for v, w in vals) / max(sum(w for _, w in vals), 1) for k, vals in metrics.items()}
+        out["loss"] = sum(batch_losses) / len(batch_losses)
         out["grad_norm"] = float(norm)
         out["update/sequences"] = sum(include)
         return out
@@ -277,7 +245,7 @@ class G4UTrainer:
     def train_step(self) -> dict[str, float]:
         """One rollout batch (x gradient_accumulation_steps) and its update. Returns the step's metrics."""
         cfg = self.config
-        timer = _Timer(self.device)
+        timer = PhaseTimer(self.device)
         batches = []
         for chunk in range(cfg.gradient_accumulation_steps):
             images = self.dataset.next_batch(cfg.images_per_step)
@@ -332,84 +300,12 @@ class G4UTrainer:
         out["samples_per_s"] = samples / out["time/step"]
         return out
 
-    # ------------------------------------------------------------------ checkpoints and the loop
-    def save(self, run_dir: Path) -> Path:
-        """Checkpoint `run_dir/checkpoint-<step>/` (adapter in the released layout + full trainer state)."""
-        folder = save_checkpoint(
-            Path(run_dir) / f"checkpoint-{self.step}",
-            peft_model=self.policy.peft_model,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            step=self.step,
-            data_state=self.dataset.state_dict(),
-            config=self.config.to_dict(),
-        )
-        prune_checkpoints(Path(run_dir), self.config.save_total_limit)
-        return folder
-
-    def resume(self, folder: Path) -> None:
-        """Restore adapters, optimizer, scheduler, RNG, data position and step from a checkpoint folder."""
-        from peft.utils import load_peft_weights, set_peft_model_state_dict
-
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise CheckpointError(f"resume: checkpoint folder not found: {folder}")
-        state, tensors = load_trainer_state(folder)
-        check_same_config(folder, self.config.to_dict())
-        weights = load_peft_weights(str(folder / "llm_lora"), device=str(self.device))
-        result = set_peft_model_state_dict(self.policy.peft_model, weights)
-        unexpected = list(getattr(result, "unexpected_keys", []))
-        if unexpected:
-            raise CheckpointError(f"{folder}/llm_lora does not fit this model (first unexpected key: {unexpected[0]})")
-        restore_optimizer(self.optimizer, state, tensors)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.dataset.load_state_dict(state["data"])
-        restore_rng(tensors)
-        self.step = state["step"]
-
-    def _resume_folder(self, run_dir: Path) -> Path | None:
-        resume = self.config.resume
-        if resume is None:
-            return None
-        if resume == "auto":
-            return latest_checkpoint(run_dir)  # None: a fresh run, so `resume=auto` is safe to always pass
-        return Path(resume)
-
-    def train(self) -> Path:
-        """Train to `max_steps`, checkpointing, logging and writing the final model and report. Returns the run dir."""
+    # ------------------------------------------------------------------ outputs
+    def finish(self, run_dir: Path) -> None:
+        """The trained model in the released layout (`final/`) and the reconstruction report (`report/`)."""
         from .report import write_report
 
-        cfg = self.config
-        if not cfg.output_dir:
-            raise ConfigError("output_dir is not set: where should checkpoints and metrics go? (uae-fast train --out)")
-        run_dir = ensure_output_dir(cfg.output_dir, option="output_dir")
-        folder = self._resume_folder(run_dir)
-        if folder is not None:
-            self.resume(folder)
-        write_text_atomic(run_dir / "config.yaml", _yaml(cfg.to_dict()))
-        logger = MetricsLogger(run_dir, total_steps=cfg.max_steps, start_step=self.step, tensorboard=cfg.tensorboard)
-        try:
-            while self.step < cfg.max_steps:
-                metrics = self.train_step()
-                if self.step % cfg.logging_steps == 0 or self.step == cfg.max_steps:
-                    logger.log(self.step, metrics)
-                logger.advance()
-                if cfg.save_steps and self.step % cfg.save_steps == 0:
-                    self.save(run_dir)
-        finally:
-            logger.close()
-        if not (run_dir / f"checkpoint-{self.step}").exists():
-            self.save(run_dir)
-        if self.dataset.skipped:
-            write_text_atomic(run_dir / "skipped.json", json.dumps(self.dataset.skipped, indent=2) + "\n")
-        if cfg.save_final_model:
+        if self.config.save_final_model:
             self.uae.save_pretrained(run_dir / "final")
-        if cfg.report_images:
-            write_report(self, run_dir / "report", cfg.report_images)
-        return run_dir
-
-
-def _yaml(data: dict) -> str:
-    import yaml
-
-    return yaml.safe_dump(data, sort_keys=False)
+        if self.config.report_images:
+            write_report(self, run_dir)

@@ -1,6 +1,7 @@
 """Trainer state on disk without pickles: tensors in safetensors, everything else in JSON; written atomically.
 
-A checkpoint folder holds `llm_lora/` (the PEFT adapter, released layout), `optimizer.safetensors` +
+A checkpoint folder holds the trained adapters as PEFT folders in the released layout (`llm_lora/` for the captioner,
+`dit_lora/` for the decoder), `optimizer.safetensors` +
 `trainer_state.json` (optimizer/scheduler/RNG/data position/step) and `config.yaml` (the run's config, so a resume
 with a different one is refused).
 """
@@ -27,6 +28,7 @@ __all__ = [
     "check_same_config",
     "restore_optimizer",
     "restore_rng",
+    "restore_adapters",
 ]
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -35,7 +37,7 @@ _TENSORS_FILE = "optimizer.safetensors"
 # Config keys a resumed run may change: where and how long it runs, how it logs; never what it learns.
 RESUMABLE_CHANGES = frozenset(
     {"output_dir", "max_steps", "logging_steps", "save_steps", "save_total_limit", "report_images", "tensorboard",
-     "device", "resume", "save_final_model"}
+     "device", "resume", "overwrite", "save_final_model"}
 )  # fmt: skip
 
 
@@ -66,7 +68,7 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 def save_checkpoint(
     folder: Path,
     *,
-    peft_model,
+    adapters: dict,
     optimizer: torch.optim.Optimizer,
     scheduler,
     step: int,
@@ -74,7 +76,10 @@ def save_checkpoint(
     config: dict,
     extra: dict | None = None,
 ) -> Path:
-    """Write one checkpoint folder atomically (a crash mid-write leaves the previous checkpoints untouched)."""
+    """Write one checkpoint folder atomically (a crash mid-write leaves the previous checkpoints untouched).
+
+    `adapters` maps a folder name of the released layout (`llm_lora`, `dit_lora`) to the PEFT model saved there.
+    """
     tensors, optim_meta = _flatten_optimizer(optimizer.state_dict())
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
@@ -88,7 +93,8 @@ def save_checkpoint(
         "extra": extra or {},
     }
     with atomic_dir(folder) as tmp:
-        peft_model.save_pretrained(str(tmp / "llm_lora"), safe_serialization=True)
+        for name, peft_model in adapters.items():
+            peft_model.save_pretrained(str(tmp / name), safe_serialization=True)
         save_file(tensors, tmp / _TENSORS_FILE)
         (tmp / _STATE_FILE).write_text(json.dumps(state, indent=1))
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -97,11 +103,25 @@ def save_checkpoint(
 
 def load_trainer_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(state JSON, tensors) of a checkpoint; the caller restores them into its objects."""
-    for name in (_STATE_FILE, _TENSORS_FILE, "llm_lora", "config.yaml"):
+    for name in (_STATE_FILE, _TENSORS_FILE, "config.yaml"):
         if not (folder / name).exists():
             raise CheckpointError(f"{folder} is not a complete training checkpoint: {name} is missing")
     state = json.loads((folder / _STATE_FILE).read_text())
     return state, load_file(folder / _TENSORS_FILE)
+
+
+def restore_adapters(folder: Path, adapters: dict, device) -> None:
+    """Load each `folder/<name>/` PEFT adapter into the model under `name` (as :func:`save_checkpoint` wrote them)."""
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    for name, peft_model in adapters.items():
+        if not (folder / name).is_dir():
+            raise CheckpointError(f"{folder} is not a complete training checkpoint: {name} is missing")
+        weights = load_peft_weights(str(folder / name), device=str(device))
+        result = set_peft_model_state_dict(peft_model, weights)
+        unexpected = list(getattr(result, "unexpected_keys", []))
+        if unexpected:
+            raise CheckpointError(f"{folder}/{name} does not fit this model (first unexpected key: {unexpected[0]})")
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict, tensors: dict[str, torch.Tensor]) -> None:

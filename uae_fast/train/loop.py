@@ -1,0 +1,126 @@
+"""The run loop every stage shares: run folder, resume, steps, logging, checkpoints, the final outputs.
+
+A stage's trainer subclasses :class:`StageTrainer` and says only what is its own: how it is built (setting
+`config`, `device`, `optimizer`, `scheduler`, `dataset`), what one step does (:meth:`train_step`), which adapters it
+trains (:meth:`adapters`, saved in the released layout) and what it writes at the end (:meth:`finish`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..io import write_text_atomic
+from .metrics import MetricsLogger
+from .run_folder import prepare_run_folder
+from .schedule import make_scheduler
+from .state import (
+    check_same_config,
+    load_trainer_state,
+    prune_checkpoints,
+    restore_adapters,
+    restore_optimizer,
+    restore_rng,
+    save_checkpoint,
+)
+
+__all__ = ["StageTrainer"]
+
+
+class StageTrainer:
+    """Base class of the stage trainers (see the module docstring for what a subclass provides)."""
+
+    config = None
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+    dataset = None
+    step = 0  # optimizer steps done (one per train_step)
+
+    # ------------------------------------------------------------------ what a stage provides
+    def train_step(self) -> dict[str, float]:
+        """One step (rollouts and update); returns the step's metrics."""
+        raise NotImplementedError
+
+    def adapters(self) -> dict:
+        """Folder name in the released layout (`llm_lora`, `dit_lora`) → the PEFT model trained under it."""
+        raise NotImplementedError
+
+    def finish(self, run_dir: Path) -> None:
+        """Write what the stage leaves after training (final model, report). Default: nothing."""
+
+    # ------------------------------------------------------------------ shared parts
+    def build_optimizer(self, params: list[torch.nn.Parameter]) -> None:
+        """AdamW over `params` and the warmup + constant/linear/cosine schedule, one factor per planned update."""
+        cfg = self.config
+        self.optimizer = torch.optim.AdamW(
+            params, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay
+        )
+        self.scheduler = make_scheduler(
+            self.optimizer, warmup=cfg.warmup_steps, total=self.planned_updates, kind=cfg.lr_scheduler
+        )
+
+    @property
+    def planned_updates(self) -> int:
+        return self.config.max_steps * getattr(self.config, "num_iterations", 1)
+
+    def save(self, run_dir: Path) -> Path:
+        """Checkpoint `run_dir/checkpoint-<step>/` (adapters in the released layout + the full trainer state)."""
+        folder = save_checkpoint(
+            Path(run_dir) / f"checkpoint-{self.step}",
+            adapters=self.adapters(),
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            step=self.step,
+            data_state=self.dataset.state_dict(),
+            config=self.config.to_dict(),
+        )
+        prune_checkpoints(Path(run_dir), self.config.save_total_limit)
+        return folder
+
+    def resume(self, folder: Path) -> None:
+        """Restore adapters, optimizer, scheduler, RNG, data position and step from a checkpoint folder."""
+        folder = Path(folder)
+        state, tensors = load_trainer_state(folder)
+        check_same_config(folder, self.config.to_dict())
+        restore_adapters(folder, self.adapters(), self.device)
+        restore_optimizer(self.optimizer, state, tensors)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.dataset.load_state_dict(state["data"])
+        restore_rng(tensors)
+        self.step = state["step"]
+
+    def train(self) -> Path:
+        """Train to `max_steps`, logging and checkpointing, then write the final outputs. Returns the run folder."""
+        cfg = self.config
+        run_dir, checkpoint = prepare_run_folder(
+            cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite, log=_notice
+        )
+        if checkpoint is not None:
+            self.resume(checkpoint)
+        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        logger = MetricsLogger(run_dir, total_steps=cfg.max_steps, start_step=self.step, tensorboard=cfg.tensorboard)
+        try:
+            while self.step < cfg.max_steps:
+                metrics = self.train_step()
+                if self.step % cfg.logging_steps == 0 or self.step == cfg.max_steps:
+                    logger.log(self.step, metrics)
+                logger.advance()
+                if cfg.save_steps and self.step % cfg.save_steps == 0:
+                    self.save(run_dir)
+        finally:
+            logger.close()
+        if not (run_dir / f"checkpoint-{self.step}").exists():
+            self.save(run_dir)
+        skipped = getattr(self.dataset, "skipped", None)
+        if skipped:
+            write_text_atomic(run_dir / "skipped.json", json.dumps(skipped, indent=2) + "\n")
+        self.finish(run_dir)
+        return run_dir
+
+
+def _notice(message: str) -> None:
+    print(message, file=sys.stderr)
