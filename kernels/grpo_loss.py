@@ -19,7 +19,15 @@ from __future__ import annotations
 
 import torch
 
-from .linear_logprobs import DEFAULT_CHUNK, accumulate_head_grad, block_logits, linear_logprobs
+from .linear_logprobs import (
+    DEFAULT_CHUNK,
+    accumulate_head_grad,
+    block_logits,
+    check_token_ids,
+    entropy_from_rest,
+    linear_logprobs,
+    rest_mass,
+)
 
 __all__ = [
     "LOSS_TYPES",
@@ -141,7 +149,9 @@ class _TrainableHeadGRPO(torch.autograd.Function):
     Per chunk: three GEMMs (z = hs Wᵀ, e W, eᵀ (g/s·hs)) and four passes over the [c, V] buffer (max, subtract,
     exp, sum), reusing one buffer for every chunk. The loss gradient's per-token scale g/s is applied to the small
     [c, H] operand of the weight-gradient GEMM instead of the [c, V] probabilities, the one-hot part is a row
-    scatter, and the entropy comes from E_p[W], which the input gradient needs anyway (H = lse - hs·E_p[W]).
+    scatter, and the entropy comes from E_p[W], which the input gradient needs anyway (`entropy_from_rest`). The
+    target's probability is taken out of both GEMMs and added back in fp32 as the one-hot coefficient g (1 - p_y):
+    no cancellation against a bf16 GEMM on confident tokens (see `linear_logprobs`).
     """
 
     @staticmethod
@@ -166,6 +176,8 @@ class _TrainableHeadGRPO(torch.autograd.Function):
             m = z.amax(1)
             s = z.sub_(m[:, None]).exp_().sum(1)  # z := e = exp(z - max), p = e / s
             lse = m + torch.log(s)
+            q = rest_mass(chosen, m, s)  # 1 - p_y
+            z.scatter_(1, ys[:, None], 0.0)  # e without the target: its term is q, added below in fp32
             logp = (chosen - lse).requires_grad_(True)
             with torch.enable_grad():
                 loss_t, _, _ = per_token_loss(
@@ -175,14 +187,14 @@ class _TrainableHeadGRPO(torch.autograd.Function):
                 (g,) = torch.autograd.grad(chunk_loss, logp)
             total += chunk_loss.detach()
             logp_all[sl] = logp.detach()
-            # d/dh = g (W[y] - E_p[W]) / T with E_p[W] = e W / s
-            # E_p[W] as (Wᵀ eᵀ)ᵀ: ~20% faster than e W with MKL (see block_logits)
+            # d/dh = g (W[y] - E_p[W]) / T = g ((1 - p_y) W[y] - Σ_{v≠y} p_v W_v) / T
+            # Σ_{v≠y} p_v W_v as (Wᵀ eᵀ)ᵀ / s: ~20% faster than e W with MKL (see block_logits)
             pw_t = torch.mm(weight.t(), z.t()) if fp32 else (weight.t() @ z.t().to(weight.dtype)).float()
             pw = pw_t.div_(s).t()
             if entropy:
-                ent_all[sl] = lse - (hs * pw).sum(1)
-            grad_h[sl] = (weight[ys].float() - pw).mul_((g * inv_temp)[:, None])
-            accumulate_head_grad(grad_w, z, g / s, g, hs, ys, 0, first=a == 0)
+                ent_all[sl] = entropy_from_rest(logp.detach(), q, lse, hs, pw)
+            grad_h[sl] = weight[ys].float().mul_(q[:, None]).sub_(pw).mul_((g * inv_temp)[:, None])
+            accumulate_head_grad(grad_w, z, g / s, g * q, hs, ys, 0, first=a == 0)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         ctx.mark_non_differentiable(logp_all)
@@ -230,7 +242,8 @@ def fused_linear_grpo_loss(
     Args:
         hidden: [N, H] hidden states of the completion tokens (the positions that predict them).
         weight: [V, H] LM head; its gradient is computed only if it requires grad.
-        token_ids: [N] the sampled tokens. seq_index: [N] sequence of each token, in [0, S).
+        token_ids: [N] the sampled tokens, in [0, V) where mask is 1 (else ConfigError).
+        seq_index: [N] sequence of each token, in [0, S).
         advantages: [S], one per sequence.
         mask: [N] 1 for tokens that count (default all). old_logp / ref_logp: [N] (old None = on-policy).
         num_sequences: S, counting sequences with no tokens (default seq_index.max() + 1).
@@ -270,6 +283,7 @@ def fused_linear_grpo_loss(
     keep = mask.nonzero().squeeze(1) if not bool(mask.all()) else None
     pick = (lambda x: x) if keep is None else (lambda x: None if x is None else x[keep])
     h, y = pick(hidden), pick(token_ids).long()
+    check_token_ids(y, weight.shape[0], keep)  # masked tokens are never looked up: any id is fine there
     old, ref, a, m, si, w = pick(old_logp), pick(ref_logp), pick(adv), pick(mask), pick(seq_index), pick(weights)
     loss_cfg = dict(beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
                     importance_sampling_level=importance_sampling_level)  # fmt: skip

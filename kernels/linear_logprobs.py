@@ -7,7 +7,11 @@ blocks with an online (running-max) softmax, like flash attention does over keys
 
     d logp_t / d h_t = (W[y_t] - E_{p_t}[W]) / T,     E_p[W] = Σ_b e_b W_b / Σ_b Σ e_b     (running rescale)
 
-so the backward of a frozen head is a gather and a subtraction — no recompute, no third GEMM. With one block per
+so the backward of a frozen head is a gather and a subtraction — no recompute, no third GEMM. The target's own term
+is kept out of that GEMM: `W[y] - E_p[W] = (1 - p_y) W[y] - Σ_{v≠y} p_v W_v`, with 1 - p_y from the fp32 sums. On a
+confident token (p_y → 1) E_p[W] ≈ W[y] and the difference is small; taking it after a bf16 GEMM output would leave
+bf16 rounding of |W[y]| in a result of size (1 - p_y)|W[y]| (gradient errors growing as 1 / (1 - p_y), entropies
+below zero). Split, every low-precision term is already of the result's size. With one block per
 chunk (the default, `vocab_block=None`) this is the fastest layout; smaller blocks trade a little speed for memory
 (`chunk_size × vocab_block` floats instead of `chunk_size × V`). When W itself needs a gradient the backward
 recomputes the logits once (a second pass is unavoidable without knowing the loss gradient in the forward; the
@@ -23,13 +27,24 @@ import os
 
 import torch
 
+from ..errors import ConfigError
+
 try:  # Triton is optional: the torch path below is complete on its own.
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
 
-__all__ = ["linear_logprobs", "linear_logprobs_ref", "online_softmax_block", "FORCE_TRITON"]
+__all__ = [
+    "linear_logprobs",
+    "linear_logprobs_ref",
+    "online_softmax_block",
+    "check_token_ids",
+    "drop_target",
+    "rest_mass",
+    "entropy_from_rest",
+    "FORCE_TRITON",
+]
 
 # Tests set this to run the Triton kernels on CPU tensors under TRITON_INTERPRET=1.
 FORCE_TRITON = os.environ.get("UAE_FAST_FORCE_TRITON") == "1"
@@ -147,6 +162,53 @@ def online_softmax_block(z, y, state, block_start: int, first: bool, entropy: bo
     return update(z, y, state, block_start, first, entropy)
 
 
+def drop_target(e: torch.Tensor, y: torch.Tensor, block_start: int) -> None:
+    """Zero each row's target entry of an exponentiated block e [c, n] in place, where the target is in the block.
+
+    Sync-free (a clamped gather/scatter instead of `nonzero`): the E_p[W] GEMM then sums Σ_{v≠y} e_v W_v only.
+    """
+    n = e.shape[1]
+    local = y - block_start
+    idx = local.clamp(0, n - 1)[:, None]
+    hit = ((local >= 0) & (local < n))[:, None]
+    e.scatter_(1, idx, torch.where(hit, 0.0, e.gather(1, idx)))
+
+
+def rest_mass(chosen: torch.Tensor, m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """1 - p_y [c] from the fp32 softmax sums (max m, Σ exp(z - m) = s, target logit `chosen`), never negative."""
+    return (s - torch.exp(chosen - m)).clamp_(min=0.0).div_(s)
+
+
+def entropy_from_rest(logp, q, lse, hs, pw_rest) -> torch.Tensor:
+    """Entropy [c] from quantities the gradient needs anyway: no extra pass over the logits.
+
+    H = -p_y log p_y + Σ_{v≠y} p_v (lse - z_v) = -p_y logp + q·lse - hs·Σ_{v≠y} p_v W_v, with q = 1 - p_y and
+    pw_rest [c, H] = Σ_{v≠y} p_v W_v. Leaving the target out keeps the low-precision term of size q instead of
+    size 1 (lse - hs·E_p[W] lost the whole entropy of a confident token to bf16 rounding); the clamp removes what
+    rounding is left, since an entropy is never negative.
+    """
+    return (q * lse - (hs * pw_rest).sum(1) - torch.exp(logp) * logp).clamp_(min=0.0)
+
+
+def check_token_ids(ids: torch.Tensor, vocab: int, positions: torch.Tensor | None = None) -> None:
+    """Raise ConfigError naming the first id outside [0, vocab), its position and the vocabulary size.
+
+    One min/max reduction (and one sync) on the fast path. `positions` [n]: where each id sits in the caller's
+    tensor (e.g. after masked tokens were dropped). An unchecked id would gather nothing and give logp = -lse.
+    """
+    if ids.numel() == 0:
+        return
+    lo, hi = torch.aminmax(ids)
+    if int(lo) >= 0 and int(hi) < vocab:
+        return
+    bad = int(((ids < 0) | (ids >= vocab)).nonzero()[0, 0])
+    pos = bad if positions is None else int(positions[bad])
+    raise ConfigError(
+        f"token id {int(ids[bad])} at position {pos} is outside the vocabulary of {vocab} entries (ids must be in "
+        f"[0, {vocab})): do the tokenizer and the LM head match?"
+    )
+
+
 def block_logits(hs: torch.Tensor, w_b: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
     """fp32 logits block z = hs w_bᵀ [c, n], written into the flat fp32 buffer `buf` (reused: no page faults).
 
@@ -168,9 +230,10 @@ def block_logits(hs: torch.Tensor, w_b: torch.Tensor, buf: torch.Tensor) -> torc
 
 
 def _chunk_forward(h, weight, y, inv_temp, vocab_block, entropy, zbuf, pw_t):
-    """One token chunk: logp [c], entropy [c] or None, lse [c] (fp32); E_p[W]ᵀ into `pw_t` [H, c] unless it is None.
+    """One token chunk: logp [c], entropy [c] or None, lse [c], 1 - p_y [c] or None (fp32).
 
-    E_p[W] is accumulated transposed, as W_bᵀ eᵀ: ~20% faster with MKL than e W_b (long M side again).
+    Unless `pw_t` is None, Σ_{v≠y} p_v W_v (transposed, [H, c]) goes into it: E_p[W] without the target's term,
+    accumulated as W_bᵀ eᵀ (~20% faster with MKL than e W_b: long M side again).
 
     zbuf: flat fp32 buffer of at least c × block floats for the logits block, shared by all chunks and blocks.
     """
@@ -179,9 +242,9 @@ def _chunk_forward(h, weight, y, inv_temp, vocab_block, entropy, zbuf, pw_t):
     hs = h.float() * inv_temp
     m = torch.empty(c, device=h.device, dtype=torch.float32)
     s, t, chosen = torch.zeros_like(m), torch.zeros_like(m), torch.zeros_like(m)
-    # With E_p[W] at hand the entropy is nearly free: z is linear in W, so E_p[z] = hs · E_p[W] and
-    # H = lse - E_p[z] (about 5e-5 relative error at V = 152k: fine for the logged metric it is, and it saves a
-    # pass over the logits that costs ~15% of the step); only the no-grad path pays for Σ p log p per block.
+    # With E_p[W] at hand the entropy is nearly free: z is linear in W, so E_p[z] = hs · E_p[W] (see
+    # entropy_from_rest; it saves a pass over the logits that costs ~15% of the step); only the no-grad path pays
+    # for Σ p log p per block.
     want_pw = pw_t is not None
     block_entropy = entropy and not want_pw
     for start in range(0, vocab, block):
@@ -189,6 +252,7 @@ def _chunk_forward(h, weight, y, inv_temp, vocab_block, entropy, zbuf, pw_t):
         z = block_logits(hs, w_b, zbuf)
         alpha = online_softmax_block(z, y, (m, s, t, chosen), start, start == 0, block_entropy)
         if want_pw:
+            drop_target(z, y, start)  # the target's term is added back in fp32 (module docstring)
             if start:
                 pw_t.mul_(alpha)
             if weight.dtype == torch.float32:
@@ -202,14 +266,16 @@ def _chunk_forward(h, weight, y, inv_temp, vocab_block, entropy, zbuf, pw_t):
     log_s = torch.log(s)
     lse = m + log_s
     logp = chosen - lse
+    q = None
     if want_pw:
+        q = rest_mass(chosen, m, s)
         pw_t.div_(s)
     ent = None
     if block_entropy:
         ent = log_s - t / s
     elif entropy:
-        ent = lse - (hs * pw_t.t()).sum(1)
-    return logp, ent, lse
+        ent = entropy_from_rest(logp, q, lse, hs, pw_t.t())
+    return logp, ent, lse, q
 
 
 class _LinearLogProbs(torch.autograd.Function):
@@ -221,16 +287,19 @@ class _LinearLogProbs(torch.autograd.Function):
         ent = torch.empty_like(logp) if entropy else None
         lse = torch.empty_like(logp)
         pw_t = torch.empty(h.shape[1], n, device=h.device, dtype=torch.float32) if want_pw else None
+        q = torch.empty_like(logp) if want_pw else None
         block = weight.shape[0] if vocab_block is None else min(vocab_block, weight.shape[0])
         zbuf = torch.empty(min(chunk, n) * block, device=h.device, dtype=torch.float32)
         for a in range(0, n, chunk):
             b = min(a + chunk, n)
             pw_out = pw_t[:, a:b] if want_pw else None
-            lp, en, ls = _chunk_forward(h[a:b], weight, y[a:b], inv_temp, vocab_block, entropy, zbuf, pw_out)
+            lp, en, ls, qa = _chunk_forward(h[a:b], weight, y[a:b], inv_temp, vocab_block, entropy, zbuf, pw_out)
             logp[a:b], lse[a:b] = lp, ls
             if entropy:
                 ent[a:b] = en
-        ctx.save_for_backward(h, weight, y, lse, None if pw_t is None else pw_t.t())
+            if want_pw:
+                q[a:b] = qa
+        ctx.save_for_backward(h, weight, y, lse, None if pw_t is None else pw_t.t(), q)
         ctx.cfg = (inv_temp, chunk, vocab_block)
         if ent is not None:
             ctx.mark_non_differentiable(ent)
@@ -238,13 +307,13 @@ class _LinearLogProbs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, _grad_entropy):
-        h, weight, y, lse, pw = ctx.saved_tensors
+        h, weight, y, lse, pw_rest, q = ctx.saved_tensors
         inv_temp, chunk, vocab_block = ctx.cfg
         g = grad_logp.float()
         grad_h = grad_w = None
         if ctx.needs_input_grad[0]:
-            # in place on one [N, H] temporary: this is the memory-lean setting's peak
-            grad_h = weight[y].float().sub_(pw).mul_((g * inv_temp)[:, None]).to(h.dtype)
+            # (1 - p_y) W[y] - Σ_{v≠y} p_v W_v, in place on one [N, H] temporary: the memory-lean setting's peak
+            grad_h = weight[y].float().mul_(q[:, None]).sub_(pw_rest).mul_((g * inv_temp)[:, None]).to(h.dtype)
         if ctx.needs_input_grad[1]:
             grad_w = _weight_grad(h, weight, y, lse, g, inv_temp, chunk, vocab_block)
         return grad_h, grad_w, None, None, None, None, None, None
@@ -296,7 +365,7 @@ def linear_logprobs(
     Args:
         hidden: [N, H] final hidden states (any float dtype).
         weight: [V, H] LM head. Its gradient is computed only if it requires grad.
-        targets: [N] token ids.
+        targets: [N] token ids in [0, V) (others raise ConfigError).
         temperature: divides the logits (sampling temperature).
         chunk_size: tokens per chunk; peak extra memory is about chunk_size × (vocab_block or V) floats.
         vocab_block: vocabulary entries per block (None = whole vocabulary, fastest).
@@ -317,6 +386,7 @@ def linear_logprobs(
         empty = hidden.new_zeros(0, dtype=torch.float32) + hidden.sum() * 0  # keeps the graph connected
         return empty, (empty.detach() if entropy else None)
     targets = targets.long().contiguous()
+    check_token_ids(targets, weight.shape[0])
     # E_p[W] is only needed for the input gradient: the no-grad (old / reference policy) passes skip its GEMM.
     want_pw = torch.is_grad_enabled() and hidden.requires_grad
     return _LinearLogProbs.apply(hidden, weight, targets, float(temperature), chunk_size, vocab_block, entropy, want_pw)

@@ -247,3 +247,67 @@ def test_trainable_bf16_head_gradients_within_bf16_error():
         err = (grads["ours"][i] - grads["exact"][i]).abs().max()
         ref_err = (grads["same_dtype"][i] - grads["exact"][i]).abs().max()
         assert err <= 2 * ref_err + 1e-3
+
+
+@pytest.mark.parametrize("p_target", [0.99, 0.999])
+def test_trainable_bf16_head_on_confident_tokens_within_twice_the_plain_bf16_error(p_target):
+    """Single pass, bf16 head, tokens whose target holds p_target of the mass: d/dh, d/dW and the entropy metric
+    each within 2x the plain bf16 path's error (bf16 GEMM -> fp32 log-softmax -> autograd) against fp64."""
+    n, v = 8, 301
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(v, 64, generator=g, dtype=torch.float64) * 0.05).bfloat16().double()
+    y = torch.randint(0, v, (n,), generator=g)
+    base = torch.randn(n, 64, generator=g, dtype=torch.float64) * 0.5
+    direction = w[y] / w[y].norm(dim=1, keepdim=True)
+    lo, hi = torch.zeros(n, dtype=torch.float64), torch.full((n,), 300.0, dtype=torch.float64)
+    for _ in range(30):  # bisection: how far each hidden state points along its target's row
+        c = (lo + hi) / 2
+        p = torch.softmax((base + c[:, None] * direction) @ w.t(), -1).gather(1, y[:, None]).squeeze(1)
+        lo, hi = torch.where(p < p_target, c, lo), torch.where(p < p_target, hi, c)
+    hidden, weight = (base + hi[:, None] * direction).bfloat16(), w.bfloat16()
+    # one token per sequence, on-policy, dr_grpo with max length 1: d loss / d logp_t = -A_t / n = d_t
+    d = torch.randn(n, generator=g)
+    results = []
+    for dtype in (torch.float64, torch.bfloat16):  # fp64 oracle, plain bf16 path
+        hd, wd = hidden.to(dtype).requires_grad_(True), weight.to(dtype).requires_grad_(True)
+        logsm = torch.log_softmax((hd @ wd.t()).to(torch.promote_types(dtype, torch.float32)), -1)
+        lp = logsm.gather(1, y[:, None]).squeeze(1)
+        assert dtype != torch.float64 or lp.exp().min() >= p_target - 1e-3
+        results.append([-(logsm.exp() * logsm).sum(-1).detach(), *torch.autograd.grad((lp * d).sum(), [hd, wd])])
+    (exact_ent, *exact), (plain_ent, *plain) = results
+    hd, wd = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    loss, _, metrics = fused_linear_grpo_loss(
+        hd, wd, y, torch.arange(n), -d * n, loss_type="dr_grpo", max_completion_length=1, chunk_size=6
+    )
+    ours = torch.autograd.grad(loss, [hd, wd])
+
+    def rel(x, e):
+        return ((x.double() - e).norm() / e.norm()).item()
+
+    for name, o, p, e in zip(("grad_hidden", "grad_weight"), ours, plain, exact):
+        assert rel(o, e) <= 2 * rel(p, e), (name, rel(o, e), rel(p, e))
+    ent_err = (metrics["entropy"].double() - exact_ent.mean()).abs()
+    plain_err = (plain_ent.double() - exact_ent).abs().mean()
+    assert metrics["entropy"] > 0 and ent_err <= 2 * plain_err, (ent_err, plain_err)
+
+
+@pytest.mark.parametrize("bad", [503, -1])
+@pytest.mark.parametrize("train_head", [False, True])
+def test_out_of_range_token_id_is_named(bad, train_head):
+    """An id outside [0, V) must not silently give logp = -lse; masked tokens are never looked up, so any id is
+    fine there (e.g. -100 padding)."""
+    from uae_fast.errors import ConfigError
+
+    b = _batch(seed=5)
+    h, y, si, _, _ = _packed(b)
+    w = b.weight.clone().requires_grad_(train_head)
+    y = y.clone()
+    y[3] = bad
+    with pytest.raises(ConfigError, match=f"^token id {bad} at position 3 .*vocabulary of 503 entries"):
+        fused_linear_grpo_loss(h, w, y, si, b.adv)
+    mask = torch.ones(y.shape[0])
+    mask[3] = 0
+    y2 = y.clone()
+    y2[3] = 0
+    loss = fused_linear_grpo_loss(h, w, y, si, b.adv, mask=mask)[0]
+    torch.testing.assert_close(loss, fused_linear_grpo_loss(h, w, y2, si, b.adv, mask=mask)[0])

@@ -69,7 +69,7 @@ def test_no_grad_pass_skips_the_expectation_gemm(monkeypatch):
     hidden.requires_grad_(True)
     seen = []
     real = mod._chunk_forward
-    monkeypatch.setattr(mod, "_chunk_forward", lambda *a: seen.append(a[4]) or real(*a))
+    monkeypatch.setattr(mod, "_chunk_forward", lambda *a: seen.append(a[7] is not None) or real(*a))  # pw_t
     with torch.no_grad():
         lp, _ = linear_logprobs(hidden, weight, y, chunk_size=4)
     assert seen and not any(seen)
@@ -178,3 +178,88 @@ def test_first_head_grad_block_overwrites_garbage():
     torch.testing.assert_close(dirty, clean)
     expected = (g[:, None] * (torch.nn.functional.one_hot(y, 30) - 0.5 * e)).t() @ hs
     torch.testing.assert_close(clean, expected, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- bf16 on confident tokens (p_y >= 0.99)
+def _confident_bf16(n, h, v, p_target, seed=0):
+    """bf16 hidden [n, h] / head [v, h] / targets [n] whose target holds p_target of the mass (fp64 bisection on
+    how far each hidden state points along its target's row)."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(v, h, generator=g, dtype=torch.float64) * 0.05).bfloat16().double()
+    y = torch.randint(0, v, (n,), generator=g)
+    base = torch.randn(n, h, generator=g, dtype=torch.float64) * 0.5
+    direction = w[y] / w[y].norm(dim=1, keepdim=True)
+    lo, hi = torch.zeros(n, dtype=torch.float64), torch.full((n,), 300.0, dtype=torch.float64)
+    for _ in range(30):
+        c = (lo + hi) / 2
+        p = torch.softmax((base + c[:, None] * direction) @ w.t(), -1).gather(1, y[:, None]).squeeze(1)
+        lo, hi = torch.where(p < p_target, c, lo), torch.where(p < p_target, hi, c)
+    return (base + hi[:, None] * direction).bfloat16(), w.bfloat16(), y
+
+
+def _exact_and_plain_bf16(hidden, weight, y, g):
+    """fp64 oracle and the plain bf16 path (bf16 GEMM -> fp32 log-softmax -> autograd): (logp, entropy, d/dh,
+    d/dW) each, on the same bf16 inputs."""
+    out = []
+    for dtype in (torch.float64, torch.bfloat16):
+        hd, wd = hidden.to(dtype).requires_grad_(True), weight.to(dtype).requires_grad_(True)
+        logsm = torch.log_softmax((hd @ wd.t()).to(torch.promote_types(dtype, torch.float32)), -1)
+        lp = logsm.gather(1, y[:, None]).squeeze(1)
+        ent = -(logsm.exp() * logsm).sum(-1)
+        out.append([lp.detach(), ent.detach(), *torch.autograd.grad((lp * g.to(lp.dtype)).sum(), [hd, wd])])
+    return out
+
+
+def _rel(x, exact):
+    return ((x.double() - exact.double()).norm() / exact.double().norm()).item()
+
+
+@pytest.mark.parametrize("p_target", [0.99, 0.999])
+@pytest.mark.parametrize("block", [None, 128])
+def test_bf16_confident_tokens_within_twice_the_plain_bf16_error(p_target, block):
+    """d/dh (frozen head), d/dW (trainable head) and the entropy: the target's gradient term (1 - p_y) W[y] must not
+    be taken as W[y] - E_p[W] after a bf16 GEMM (error ~ 1 / (1 - p_y)), nor the entropy as lse - E_p[z]."""
+    hidden, weight, y = _confident_bf16(8, 64, 301, p_target)
+    g = torch.randn(8, generator=torch.Generator().manual_seed(1))
+    exact, plain = _exact_and_plain_bf16(hidden, weight, y, g)
+    assert exact[0].exp().min() >= p_target - 1e-3
+
+    hd = hidden.clone().requires_grad_(True)
+    lp, ent = linear_logprobs(hd, weight, y, chunk_size=6, vocab_block=block, entropy=True)
+    (grad_h,) = torch.autograd.grad((lp * g).sum(), hd)
+    assert _rel(grad_h, exact[2]) <= 2 * _rel(plain[2], exact[2]), (_rel(grad_h, exact[2]), _rel(plain[2], exact[2]))
+    ent_err, plain_ent_err = (ent.double() - exact[1]).abs().max(), (plain[1].double() - exact[1]).abs().max()
+    assert ent.min() >= 0 and ent_err <= 2 * plain_ent_err + 1e-6, (ent_err, plain_ent_err)
+
+    hd, wd = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    lp, _ = linear_logprobs(hd, wd, y, chunk_size=6, vocab_block=block)
+    grad_h, grad_w = torch.autograd.grad((lp * g).sum(), [hd, wd])
+    assert _rel(grad_h, exact[2]) <= 2 * _rel(plain[2], exact[2])
+    assert _rel(grad_w, exact[3]) <= 2 * _rel(plain[3], exact[3]), (_rel(grad_w, exact[3]), _rel(plain[3], exact[3]))
+
+
+@pytest.mark.triton
+def test_triton_bf16_confident_tokens(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setattr(mod, "FORCE_TRITON", True)
+    hidden, weight, y = _confident_bf16(4, 32, 150, 0.999, seed=2)
+    g = torch.randn(4, generator=torch.Generator().manual_seed(1))
+    exact, plain = _exact_and_plain_bf16(hidden, weight, y, g)
+    hd = hidden.clone().requires_grad_(True)
+    lp, ent = linear_logprobs(hd, weight, y, chunk_size=3, vocab_block=64, entropy=True)
+    (grad_h,) = torch.autograd.grad((lp * g).sum(), hd)
+    assert _rel(grad_h, exact[2]) <= 2 * _rel(plain[2], exact[2]), (_rel(grad_h, exact[2]), _rel(plain[2], exact[2]))
+    ent_err, plain_ent_err = (ent.double() - exact[1]).abs().max(), (plain[1].double() - exact[1]).abs().max()
+    assert ent.min() >= 0 and ent_err <= 2 * plain_ent_err + 1e-6, (ent_err, plain_ent_err)
+
+
+@pytest.mark.parametrize("bad", [50, -1])
+def test_out_of_range_target_is_named(bad):
+    from uae_fast.errors import ConfigError
+
+    hidden, weight, y = _inputs(6, 8, 50)
+    y[4] = bad
+    with pytest.raises(ConfigError, match=f"^token id {bad} at position 4 .*vocabulary of 50 entries"):
+        linear_logprobs(hidden, weight, y)
+    with pytest.raises(ValueError, match="outside the vocabulary"), torch.no_grad():
+        linear_logprobs(hidden, weight, y, entropy=True)

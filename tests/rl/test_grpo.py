@@ -101,4 +101,71 @@ def test_packed_from_padded_and_loss_wrapper():
     assert math.isfinite(loss.item()) and set(metrics) >= {"entropy", "clip_ratio/region_mean"}
     ref_logp, ent = completion_logprobs(hidden, weight, batch.token_ids, config)
     torch.testing.assert_close(ref_logp, logp)
-    assert not ref_logp.requires_grad and ent.shape == (5,)
+    assert not ref_logp.requires_grad and ent is None
+
+
+# ---------------------------------------------------------------- tied groups: exactly 0, however they are written
+def _fp64_advantages(rewards, g):
+    """TRL's formula in fp64 on the same (fp32-rounded) rewards, NaN-free groups only."""
+    r = rewards.double().view(-1, g)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).flatten()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_tied_groups_get_exactly_zero(dtype, scale):
+    """0.3 x 8 summed in fp32 has a mean an ulp off (advantages ±3e-4 before): tied groups, with a NaN or not, and
+    groups tied up to a few ulps of rounding, must give exactly 0.0 and be counted."""
+    for g in (8, 3):
+        tied = [[v] * g for v in (0.3, 0.1, 1 / 3, 0.7, 1234.567)] + [[0.3] * (g - 1) + [float("nan")]]
+        rewards = torch.tensor([x for group in tied for x in group] + [0.1 * i for i in range(g)]).to(dtype)
+        one_ulp = torch.nextafter(torch.tensor(0.7), torch.tensor(1.0)).item()  # rounding noise, not signal
+        if dtype == torch.float32:
+            rewards = torch.cat([rewards, torch.tensor([0.7] * (g - 1) + [one_ulp])])
+        n_tied = rewards.numel() // g - 1
+        out = group_advantages(rewards, g, scale)
+        mixed = slice(len(tied) * g, (len(tied) + 1) * g)
+        tied_adv = torch.cat([out.advantages[: mixed.start], out.advantages[mixed.stop :]])
+        assert torch.equal(tied_adv, torch.zeros_like(tied_adv)), (g, tied_adv)
+        assert out.num_zero_std_groups == n_tied and out.num_invalid_rewards == 1
+        assert (out.group_std == 0).sum() == n_tied and out.advantages[mixed].abs().sum() > 0
+        if scale == "group":
+            torch.testing.assert_close(out.advantages[mixed], _fp64_advantages(rewards[mixed].float(), g).float())
+
+
+@pytest.mark.parametrize("spread", [1e-3, 1e-5])
+def test_tiny_real_spread_keeps_its_advantages(spread):
+    group_of_8 = [0.3 * (1 + spread * i) for i in range(8)]
+    rewards = torch.tensor(group_of_8 + [1 / 3 * (1 - spread * i * i) for i in range(3)])
+    out = group_advantages(rewards, group_ids=torch.tensor([0] * 8 + [1] * 3))
+    assert out.num_zero_std_groups == 0 and (out.advantages != 0).all()
+    expected = torch.cat([_fp64_advantages(rewards[:8], 8), _fp64_advantages(rewards[8:], 3)])
+    torch.testing.assert_close(out.advantages.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_completion_logprobs_skips_entropy_by_default(monkeypatch):
+    """The old-policy and reference passes throw the entropy away: by default no block computes it."""
+    from uae_fast.kernels import linear_logprobs as kernel
+
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(7, 8, generator=g), torch.randn(60, 8, generator=g)
+    ids = torch.randint(0, 60, (7,), generator=g)
+    config = GRPOLossConfig(chunk_size=3, vocab_block=16, compute_entropy=True)
+    flags = []
+    real = kernel.online_softmax_block
+    monkeypatch.setattr(kernel, "online_softmax_block", lambda *a: flags.append(a[-1]) or real(*a))
+    logp, ent = completion_logprobs(hidden, weight, ids, config)
+    assert ent is None and flags and not any(flags)
+    flags.clear()
+    logp_e, ent_e = completion_logprobs(hidden, weight, ids, config, entropy=True)
+    assert all(flags) and torch.equal(logp, logp_e)
+    logsm = torch.log_softmax(hidden.double() @ weight.double().t(), -1)
+    torch.testing.assert_close(logp.double(), logsm.gather(1, ids[:, None]).squeeze(1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent_e.double(), -(logsm.exp() * logsm).sum(-1), atol=1e-5, rtol=0)
+
+
+def test_completion_logprobs_names_an_out_of_range_token():
+    hidden, weight = torch.randn(4, 8), torch.randn(60, 8)
+    for bad in (60, -1):
+        with pytest.raises(ConfigError, match=f"token id {bad} at position 2 .*60 entries"):
+            completion_logprobs(hidden, weight, torch.tensor([1, 2, bad, 3]), GRPOLossConfig())

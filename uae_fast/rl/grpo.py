@@ -26,7 +26,13 @@ __all__ = [
 ]
 
 SCALE_REWARDS = ("group", "batch", "none")
-ADVANTAGE_EPS = 1e-4  # TRL's: an all-equal group gets (r - mean) / eps = 0 exactly, never 0 / 0
+ADVANTAGE_EPS = 1e-4  # TRL's: keeps (r - mean) / (std + eps) finite for a near-tied group, never 0 / 0
+# A group whose std is at most this many fp32 ulps of its largest |reward| is tied: advantages exactly 0. Reward
+# functions combine a few weighted fp32 terms, each rounding by half an ulp, so the same score reached along two
+# paths can differ by a few ulps (0.1 + 0.2 != 0.3); that is rounding, not signal, yet divided by std + 1e-4 it would
+# still push the whole group (and the zero-advantage skip would never fire). 8 ulps ~ 1e-6 relative: far below any
+# reward resolution that means something, far above what the rounding of a handful of terms can produce.
+TIE_ULPS = 8
 
 
 @dataclass
@@ -79,7 +85,7 @@ class GRPOLossConfig:
 @dataclass
 class GroupAdvantages:
     advantages: torch.Tensor  # [N], 0 for invalid rewards and all-equal groups
-    group_std: torch.Tensor  # [num_groups] within-group std of the valid rewards (0 when fewer than two)
+    group_std: torch.Tensor  # [num_groups] within-group std of the valid rewards (0 when fewer than two, or tied)
     num_zero_std_groups: int  # groups whose valid rewards are all equal (no learning signal)
     num_invalid_rewards: int  # NaN / inf rewards (failed or unscored samples), left out of the statistics
 
@@ -100,7 +106,8 @@ def group_advantages(
 
     Groups are either consecutive runs of `num_generations` (image-major rollouts: group b is
     rewards[b*G:(b+1)*G]) or given by `group_ids` [N] (any layout, any sizes). NaN or inf rewards are left out of
-    the mean and std and get advantage 0; so do all-equal groups (counted in `num_zero_std_groups`).
+    the mean and std and get advantage 0; so do all-equal groups — exactly 0.0, also when the rewards differ by
+    rounding only (std within `TIE_ULPS` fp32 ulps of the largest |reward|) — counted in `num_zero_std_groups`.
     `scale_rewards`: "group" divides by the group's std, "batch" by the std of all valid rewards, "none" only centres.
     """
     if scale_rewards not in SCALE_REWARDS:
@@ -122,11 +129,23 @@ def group_advantages(
     def per_group(x: torch.Tensor) -> torch.Tensor:
         return torch.zeros(groups.numel(), device=r.device).index_add_(0, index, x)
 
+    def group_max(x: torch.Tensor) -> torch.Tensor:  # 0 for a group without valid rewards
+        out = torch.full((groups.numel(),), float("-inf"), device=r.device).scatter_reduce_(0, index, x, "amax")
+        return torch.where(torch.isfinite(out), out, 0.0)
+
     count = per_group(valid.float())
-    mean = per_group(torch.where(valid, r, 0.0)) / count.clamp(min=1)
-    centred = torch.where(valid, r - mean[index], 0.0)
+    # Shifted data: statistics of r - pivot, the pivot being one of the group's own rewards (its largest). Summing
+    # 0.3 eight times in fp32 gives a mean an ulp off, hence r - mean = ±3e-8 and advantages of ±3e-4 for a tied
+    # group; shifted, a tied group sums exact zeros and its r - mean is 0.0. It also spares a large common offset
+    # (rewards near 1000) from cancelling the spread.
+    pivot = group_max(torch.where(valid, r, float("-inf")))
+    shifted = torch.where(valid, r - pivot[index], 0.0)
+    centred = torch.where(valid, shifted - (per_group(shifted) / count.clamp(min=1))[index], 0.0)
     var = per_group(centred**2) / (count - 1).clamp(min=1)
-    group_std = torch.where(count > 1, var.sqrt(), 0.0)
+    std = torch.where(count > 1, var.sqrt(), 0.0)
+    tied = std <= TIE_ULPS * torch.finfo(torch.float32).eps * group_max(torch.where(valid, r.abs(), 0.0))
+    group_std = torch.where(tied, 0.0, std)
+    centred = torch.where(tied[index], 0.0, centred)
     if scale_rewards == "group":
         adv = centred / (group_std[index] + eps)
     elif scale_rewards == "batch":
@@ -137,7 +156,7 @@ def group_advantages(
     return GroupAdvantages(
         advantages=adv,
         group_std=group_std,
-        num_zero_std_groups=int(torch.isclose(group_std, torch.zeros_like(group_std)).sum()),
+        num_zero_std_groups=int(tied.sum()),
         num_invalid_rewards=int((~valid).sum()),
     )
 
@@ -197,9 +216,18 @@ def grpo_loss(
 
 @torch.no_grad()
 def completion_logprobs(
-    hidden: torch.Tensor, lm_head_weight: torch.Tensor, token_ids: torch.Tensor, config: GRPOLossConfig
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    token_ids: torch.Tensor,
+    config: GRPOLossConfig,
+    *,
+    entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """No-grad per-token log-probs (and entropy) for the old-policy and reference passes: one GEMM per block."""
+    """No-grad per-token log-probs [N] for the old-policy and reference passes: one GEMM per block.
+
+    `entropy=True` also returns the per-token entropy [N] (else None). Off by default: the trainer logs the
+    current policy's entropy from `grpo_loss`, and here it would cost another pass over every logits block.
+    """
     return linear_logprobs(
         hidden,
         lm_head_weight,
@@ -207,5 +235,5 @@ def completion_logprobs(
         temperature=config.temperature,
         chunk_size=config.chunk_size,
         vocab_block=config.vocab_block,
-        entropy=config.compute_entropy,
+        entropy=entropy,
     )
