@@ -1,33 +1,40 @@
 """Reconstruction reward: feature extractors (CLIP, DINOv2, DINOv3, LongCLIP), on-device preprocessing, the fused
 weighted-cosine reward and its source-feature cache.
 
-Imported lazily by the CLI: this package pulls in torch and transformers.
+Names load on first use: most of this package pulls in torch and transformers, but `RewardConfig`
+(`uae_fast.rewards.config`) does not, so a config is validated before the heavy imports.
 """
 
-from uae_fast.rewards.backbones import BACKBONE_LOADERS, BACKBONE_NAMES, FeatureExtractor, load_backbone, load_backbones
-from uae_fast.rewards.preprocess import TensorPreprocess, as_image_batch
-from uae_fast.rewards.reconstruction import (
-    REWARD_FUNCTIONS,
-    ReconstructionReward,
-    RewardConfig,
-    RewardOutput,
-    register_reward,
-)
-from uae_fast.rewards.tiny import save_tiny_backbones, tiny_backbone_paths
+from __future__ import annotations
 
-__all__ = [
-    "BACKBONE_LOADERS",
-    "BACKBONE_NAMES",
-    "FeatureExtractor",
-    "REWARD_FUNCTIONS",
-    "ReconstructionReward",
-    "RewardConfig",
-    "RewardOutput",
-    "TensorPreprocess",
-    "as_image_batch",
-    "load_backbone",
-    "load_backbones",
-    "register_reward",
-    "save_tiny_backbones",
-    "tiny_backbone_paths",
-]
+import importlib
+
+_LAZY = {
+    "BACKBONE_LOADERS": "backbones",
+    "BACKBONE_NAMES": "config",
+    "FeatureExtractor": "backbones",
+    "REWARD_FUNCTIONS": "reconstruction",
+    "ReconstructionReward": "reconstruction",
+    "RewardConfig": "config",
+    "RewardOutput": "reconstruction",
+    "TensorPreprocess": "preprocess",
+    "as_image_batch": "preprocess",
+    "load_backbone": "backbones",
+    "load_backbones": "backbones",
+    "register_reward": "reconstruction",
+    "save_tiny_backbones": "tiny",
+    "tiny_backbone_paths": "tiny",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

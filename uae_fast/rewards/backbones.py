@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+from .config import BACKBONE_NAMES, DINO_FEATURE_NAMES
 from .preprocess import TensorPreprocess
 
 __all__ = [
@@ -40,8 +41,6 @@ __all__ = [
     "load_backbones",
     "read_openai_state_dict",
 ]
-
-BACKBONE_NAMES = ("clip", "dinov2", "dinov3", "longclip")
 
 
 class FeatureExtractor(nn.Module):
@@ -60,7 +59,7 @@ class FeatureExtractor(nn.Module):
         self, name: str, model: nn.Module, preprocess: TensorPreprocess, encode: Callable, dim: int, source=""
     ):
         super().__init__()
-        self.name, self.model, self.preprocess, self._encode = name, model.eval(), preprocess, encode
+        self.name, self.model, self.preprocess, self.encode_fn = name, model.eval(), preprocess, encode
         self.model.requires_grad_(False)
         self.dim, self.source = int(dim), str(source)
 
@@ -85,7 +84,7 @@ class FeatureExtractor(nn.Module):
         """
         if pixel_values is None:
             pixel_values = self.preprocess(images)
-        return self._encode(self.model, pixel_values.to(self.device, self.dtype))
+        return self.encode_fn(self.model, pixel_values.to(self.device, self.dtype))
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, dim={self.dim}, source={self.source!r}"
@@ -132,6 +131,7 @@ def mean_patch_token(model, pixel_values):
 
 
 DINO_FEATURES = {"cls": _cls_token, "mean_patch": mean_patch_token}
+assert tuple(DINO_FEATURES) == DINO_FEATURE_NAMES  # the config validates names without importing torch
 
 
 def load_clip(path, device=None, dtype=None) -> FeatureExtractor:

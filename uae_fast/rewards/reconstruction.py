@@ -12,24 +12,22 @@ come from :class:`RewardConfig`.
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from uae_fast.kernels.reward import fused_reward
 
 from ..errors import ConfigError
-from .backbones import BACKBONE_NAMES, DINO_FEATURES, FeatureExtractor, load_backbones
+from .backbones import DINO_FEATURES, FeatureExtractor, load_backbones
+from .config import REWARD_FUNCTIONS, RewardConfig
 from .preprocess import as_image_batch, preprocess_many
 
 __all__ = ["REWARD_FUNCTIONS", "RewardConfig", "RewardOutput", "ReconstructionReward", "register_reward"]
 
-# name → fn(src_feats [S, D], rec_feats [N, D], index [N], offsets [K+1], weights [K], failed [N] | None, **kw)
-#        → (rewards [N], per-backbone cos [N, K], valid [N])
-REWARD_FUNCTIONS: dict[str, Callable] = {"weighted_cosine": fused_reward}
+REWARD_FUNCTIONS["weighted_cosine"] = fused_reward
 
 
 def register_reward(name: str) -> Callable[[Callable], Callable]:
@@ -42,57 +40,6 @@ def register_reward(name: str) -> Callable[[Callable], Callable]:
         return fn
 
     return wrap
-
-
-@dataclass
-class RewardConfig:
-    """Reward settings: which backbones, with which weights, from which local folders."""
-
-    weights: dict[str, float] = field(
-        default_factory=lambda: {name: 0.25 for name in BACKBONE_NAMES},
-        metadata={"help": "backbone name → weight w_k; the reward is Σ_k w_k·cos_k (0.25 each = Unified-Bench/100)"},
-    )
-    backbones: dict[str, str] = field(
-        default_factory=dict,
-        metadata={"help": "backbone name → local folder (or 'tiny'); every weighted backbone needs one"},
-    )
-    function: str = field(default="weighted_cosine", metadata={"help": "name in REWARD_FUNCTIONS"})
-    cache_size: int = field(default=4096, metadata={"help": "source images whose features stay cached (LRU)"})
-    fill_value: float = field(default=0.0, metadata={"help": "reward given to invalid (NaN/inf/failed) samples"})
-    dino_feature: str = field(
-        default="cls", metadata={"help": "DINOv2/v3 feature: 'cls' (Unified-Bench's) or 'mean_patch' (patch mean)"}
-    )
-    micro_batch: int | None = field(
-        default=None, metadata={"help": "images per backbone forward (default: 64 on CUDA, 8 on CPU); bounds memory"}
-    )
-
-    def __post_init__(self):
-        if not self.weights:
-            raise ConfigError("reward.weights is empty: give at least one backbone, e.g. {'clip': 1.0}")
-        for name, w in self.weights.items():
-            if name not in BACKBONE_NAMES:
-                raise ConfigError(f"reward.weights: unknown backbone {name!r}; choose from {', '.join(BACKBONE_NAMES)}")
-            if not isinstance(w, (int, float)) or not math.isfinite(w):
-                raise ConfigError(f"reward.weights[{name!r}] must be a finite number, got {w!r}")
-        if all(w == 0 for w in self.weights.values()):
-            raise ConfigError("reward.weights are all 0: the reward would be constant")
-        missing = [n for n in self.weights if n not in self.backbones]
-        if missing:
-            raise ConfigError(
-                f"reward.backbones has no path for {', '.join(missing)}: map each to a local folder or 'tiny'"
-            )
-        if self.function not in REWARD_FUNCTIONS:
-            raise ConfigError(f"reward.function {self.function!r} unknown; choose from {', '.join(REWARD_FUNCTIONS)}")
-        if self.cache_size < 0:
-            raise ConfigError(f"reward.cache_size must be >= 0, got {self.cache_size}")
-        if self.dino_feature not in DINO_FEATURES:
-            raise ConfigError(
-                f"reward.dino_feature must be one of {', '.join(DINO_FEATURES)}, got {self.dino_feature!r}"
-            )
-        if self.micro_batch is not None and self.micro_batch < 1:
-            raise ConfigError(f"reward.micro_batch must be >= 1, got {self.micro_batch}")
-        if not math.isfinite(self.fill_value):
-            raise ConfigError("reward.fill_value must be finite: it is what invalid samples feed the optimiser")
 
 
 @dataclass
@@ -164,7 +111,7 @@ class ReconstructionReward:
         backbones = load_backbones(paths, device=device, dtype=dtype)
         for name in ("dinov2", "dinov3"):
             if name in backbones:
-                backbones[name]._encode = DINO_FEATURES[config.dino_feature]
+                backbones[name].encode_fn = DINO_FEATURES[config.dino_feature]
         return cls(
             backbones,
             config.weights,
