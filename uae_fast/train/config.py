@@ -14,7 +14,7 @@ from pathlib import Path
 from ..config import apply_overrides, from_dict, load_yaml, to_dict
 from ..data.images import DEFAULT_MAX_IMAGE_PIXELS
 from ..errors import ConfigError
-from ..rewards.reconstruction import RewardConfig
+from ..rewards.config import RewardConfig
 from ..rl.grpo import GRPOLossConfig
 
 __all__ = [
