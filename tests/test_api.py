@@ -104,3 +104,25 @@ def test_reconstruct_scores_with_a_reward_on_device(tiny, demo):
     recon = tiny.generate_tensors(result.captions, steps=2, seed=seeds, allow_empty=True)
     expected = reward([d for d in demo[:2]], recon, num_generations=2).rewards
     torch.testing.assert_close(torch.tensor(result.scores), expected, atol=1e-6, rtol=0)
+
+
+def test_clear_conditioning_cache_recomputes_the_negative_prompt(tiny):
+    """The negative conditioning is cached; after the encoder changes, clear_conditioning_cache makes it current."""
+    from uae_fast.models.encoder import NEGATIVE_PROMPT
+
+    weight = tiny.encoder.projector[2].weight
+    saved = weight.detach().clone()
+    before = tiny.negative_conditioning()
+    try:
+        with torch.no_grad():
+            weight.mul_(2.0)  # the encoder moved (as adapters do during training)
+        assert tiny.negative_conditioning() is before  # still the cached, now stale, value
+        tiny.clear_conditioning_cache()
+        after = tiny.negative_conditioning()
+        assert torch.equal(after[0], tiny.condition([NEGATIVE_PROMPT])[0])
+        assert not torch.allclose(after[0], before[0])
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+        tiny.clear_conditioning_cache()
+    assert torch.equal(tiny.negative_conditioning()[0], before[0])

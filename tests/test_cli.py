@@ -232,6 +232,25 @@ def test_generate_command(inputs, tmp_path, capsys):
 # ------------------------------------------------------------------ regressions: bugs found by review, now fixed
 
 
+def test_checkpoint_folder_brings_its_inference_defaults(tiny_checkpoint, tmp_path, capsys):
+    """A model saved from the tiny preset renders at the tiny preset's size (64), not the official 1024."""
+    out = tmp_path / "out"
+    assert run(capsys, "generate", "a cat", "--preset", tiny_checkpoint, "--out", out)[0] == 0
+    with Image.open(out / "0000.png") as im:
+        assert im.size == (64, 64)
+
+
+def test_quiet_libraries_is_public():
+    import transformers
+
+    import uae_fast.cli
+
+    assert "quiet_libraries" in uae_fast.cli.__all__
+    transformers.logging.set_verbosity_info()
+    uae_fast.cli.quiet_libraries()
+    assert transformers.logging.get_verbosity() == transformers.logging.ERROR
+
+
 def test_output_names_unique_across_batches(inputs, tmp_path, capsys):
     for sub, name in (("d1", "img.png"), ("d2", "img.jpg"), ("d2", "astronaut.png")):
         (tmp_path / sub).mkdir(exist_ok=True)

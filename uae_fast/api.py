@@ -13,32 +13,22 @@ from PIL import Image
 
 from .data.images import ImageSource, load_image
 from .errors import CheckpointError, ConfigError
-from .models.components import UAEComponents, default_device, default_dtype, load_components, save_components
-from .models.decoder import UAEDecoder
-from .models.encoder import (
-    CAPTION_PROMPT,
-    NEGATIVE_PROMPT,
-    caption_messages,
-    conditioning_messages,
-    special_token_ids_to_suppress,
+from .models.captioner import DEFAULT_CAPTION_BATCH, Captioner
+from .models.components import (
+    InferenceDefaults,
+    UAEComponents,
+    default_device,
+    default_dtype,
+    load_components,
+    save_components,
 )
+from .models.decoder import UAEDecoder
+from .models.encoder import CAPTION_PROMPT, NEGATIVE_PROMPT, conditioning_messages
 
 __all__ = ["UAE", "InferenceDefaults", "Reconstruction", "load", "PRESETS"]
 
 # Environment variable holding the local folder of the released UAE weights for the `uae-3b` preset.
 UAE_3B_ENV = "UAE_FAST_UAE3B"
-
-
-@dataclass
-class InferenceDefaults:
-    """Sampling defaults of a preset; every method argument left as None falls back to these."""
-
-    temperature: float = 0.7
-    top_p: float = 1.0
-    max_new_tokens: int = 512
-    steps: int = 40
-    guidance: float = 5.0
-    size: int = 1024
 
 
 PRESETS = {
@@ -60,18 +50,34 @@ class UAE:
     """A Unified Auto-Encoder: Qwen2.5-VL captioner (encoder) + SD3 decoder, for inference.
 
     Build with :func:`load`. All randomness is seeded per call, so equal arguments give equal outputs.
+
+    Args:
+        components: the modules (see :func:`uae_fast.models.components.load_components`).
+        conditioning: `llm` (UAE) or `text` (vanilla SD3.5 text encoders).
+        defaults: sampling defaults; None takes the ones stored with the components, else the official ones.
+        caption_batch_size: the most sequences (images x generations) :meth:`caption` samples at once.
     """
 
-    def __init__(self, components: UAEComponents, *, conditioning: str = "llm", defaults=None, device=None, dtype=None):
+    def __init__(
+        self,
+        components: UAEComponents,
+        *,
+        conditioning: str = "llm",
+        defaults: InferenceDefaults | None = None,
+        device=None,
+        dtype=None,
+        caption_batch_size: int = DEFAULT_CAPTION_BATCH,
+    ):
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
         self.components = components.to(device, dtype)
         self.conditioning = conditioning
-        self.defaults = defaults or InferenceDefaults()
+        self.defaults = defaults or components.inference_defaults or InferenceDefaults()
         self.device, self.dtype = device, dtype
         self.encoder = components.encoder
         self.processor = components.processor
         self.processor.tokenizer.padding_side = "left"
+        self.captioner = Captioner(self.encoder, self.processor, batch_size=caption_batch_size)
         pooled = components.compute_pooled_empty() if conditioning == "llm" else None
         self.decoder = UAEDecoder(
             components.transformer,
@@ -104,37 +110,25 @@ class UAE:
     ) -> list[str]:
         """Caption images. Returns B * num_generations captions, image-major (caption g of image b at b * G + g).
 
-        `temperature` 0 means greedy decoding. Images are paths, bytes or PIL images; bad ones raise ImageLoadError.
+        Runs the one captioner (:class:`~uae_fast.models.captioner.Captioner`, the sampler training uses): each
+        image is encoded and prefilled once for its G captions. `temperature` 0 means greedy decoding (G equal
+        captions). `seed` seeds a generator on the model's device; the global RNG is untouched. Images are paths,
+        bytes or PIL images; bad ones raise ImageLoadError.
         """
         pil = [load_image(im) for im in _as_list(images)]
         if num_generations < 1:
             raise ConfigError(f"num_generations must be >= 1, got {num_generations}")
         d = self.defaults
-        temperature = d.temperature if temperature is None else temperature
-        text = self.processor.apply_chat_template(caption_messages(prompt), tokenize=False, add_generation_prompt=True)
-        inputs = self.processor(text=[text] * len(pil), images=pil, padding=True, return_tensors="pt").to(self.device)
-        tokenizer = self.processor.tokenizer
-        eos = _as_list(self.encoder.generation_config.eos_token_id)
-        sampling = temperature > 0
-        with torch.random.fork_rng(devices=_rng_devices(self.device)):
-            torch.manual_seed(seed)
-            out = self.encoder.generate(
-                **inputs,
-                do_sample=sampling,
-                temperature=temperature if sampling else None,
-                top_p=(d.top_p if top_p is None else top_p) if sampling else None,
-                top_k=None,
-                max_new_tokens=d.max_new_tokens if max_new_tokens is None else max_new_tokens,
-                # Greedy captions of one image are all equal: decode once, repeat below.
-                num_return_sequences=num_generations if sampling else 1,
-                # Sampled vision/chat special tokens break the next forward (image tokens must match features).
-                suppress_tokens=special_token_ids_to_suppress(tokenizer, keep=eos),
-                eos_token_id=eos,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        completions = out[:, inputs["input_ids"].shape[1] :]
-        captions = [c.strip() for c in tokenizer.batch_decode(completions, skip_special_tokens=True)]
-        return captions if sampling else [c for c in captions for _ in range(num_generations)]
+        generator = torch.Generator(self.device).manual_seed(seed)
+        return self.captioner.caption(
+            pil,
+            num_generations,
+            max_new_tokens=d.max_new_tokens if max_new_tokens is None else max_new_tokens,
+            temperature=d.temperature if temperature is None else temperature,
+            top_p=d.top_p if top_p is None else top_p,
+            generator=generator,
+            prompt=prompt,
+        )
 
     # ---------------------------------------------------------------- decoder: caption -> image
     @torch.no_grad()
@@ -164,10 +158,20 @@ class UAE:
         return embeds, mask, pooled
 
     def negative_conditioning(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Conditioning of the negative prompt (UAE's fixed text in llm mode, "" in text mode), computed once."""
+        """Conditioning of the negative prompt (UAE's fixed text in llm mode, "" in text mode), computed once and
+        cached (see :meth:`clear_conditioning_cache`)."""
         if self._negative is None:
             self._negative = self.condition([NEGATIVE_PROMPT if self.conditioning == "llm" else ""])
         return self._negative
+
+    def clear_conditioning_cache(self) -> None:
+        """Forget the cached negative-prompt conditioning, so the next CFG render recomputes it.
+
+        In `llm` conditioning it is computed by the encoder's language model: call this whenever that model's
+        output changes — its weights or LoRA adapters were updated, loaded, or enabled/disabled around a render
+        (e.g. after each optimizer step when the trained adapters also encode the captions).
+        """
+        self._negative = None
 
     @torch.no_grad()
     def generate_tensors(
@@ -245,8 +249,9 @@ class UAE:
         return Reconstruction(captions, tensors_to_pil(recon), scores)
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """Write the released layout (llm/, SD3/, dit/, and llm_lora/ / dit_lora/ when adapters exist)."""
-        return save_components(self.components, path)
+        """Write the released layout (llm/, SD3/, dit/, and llm_lora/ / dit_lora/ when adapters exist), plus
+        `uae_fast.json` holding this model's :class:`InferenceDefaults` (restored by :func:`load`)."""
+        return save_components(self.components, path, inference_defaults=self.defaults)
 
 
 def load(
@@ -261,6 +266,8 @@ def load(
 
     `tiny` builds small random-weight components from `seed`. `uae-3b` reads the folder named by the
     UAE_FAST_UAE3B environment variable (nothing is ever downloaded). Missing paths raise CheckpointError.
+    A checkpoint folder brings the inference defaults it was saved with (`uae_fast.json`); one without them (the
+    released weights) gets the official :class:`InferenceDefaults`.
     """
     if conditioning not in ("llm", "text"):
         raise ConfigError(f"conditioning must be 'llm' or 'text', got {conditioning!r}")
@@ -269,7 +276,6 @@ def load(
         from .presets.tiny import build_tiny
 
         return UAE(build_tiny(seed), conditioning=conditioning, defaults=PRESETS["tiny"], device=device, dtype=dtype)
-    defaults = InferenceDefaults()
     if name == "uae-3b":
         folder = os.environ.get(UAE_3B_ENV)
         if not folder:
@@ -279,7 +285,7 @@ def load(
             )
         name = folder
     components = load_components(Path(name), conditioning=conditioning)
-    return UAE(components, conditioning=conditioning, defaults=defaults, device=device, dtype=dtype)
+    return UAE(components, conditioning=conditioning, device=device, dtype=dtype)
 
 
 def tensors_to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -299,7 +305,3 @@ def _size(size, factor: int) -> tuple[int, int]:
     if height <= 0 or width <= 0 or height % factor or width % factor:
         raise ConfigError(f"size must be positive multiples of {factor} (the VAE factor), got {height}x{width}")
     return int(height), int(width)
-
-
-def _rng_devices(device: torch.device) -> list:
-    return [device] if device.type == "cuda" else []

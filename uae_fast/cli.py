@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import CheckpointError, ConfigError, ImageLoadError, UAEError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "quiet_libraries"]
 
 EXIT_USER_ERROR = 2
 _VAE_FACTOR = 8  # SD3's VAE downsamples by 8; every SD3/SD3.5 checkpoint shares it
@@ -164,11 +164,13 @@ def _unique(item, used: set[str]):
 def _load_model(args):
     from . import api
 
-    _quiet_libraries()
+    quiet_libraries()
     return api.load(args.preset, conditioning=args.conditioning, device=args.device)
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
+    """Silence transformers' and diffusers' info/warning logs (load reports, deprecations): errors only. Used by
+    every `uae-fast` command before loading models."""
     import diffusers
     import transformers
 

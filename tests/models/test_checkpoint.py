@@ -75,7 +75,7 @@ def _randomise_lora(module: torch.nn.Module, seed: int) -> None:
 
 def _with_adapters():
     c = build_tiny()
-    c.encoder.model = get_peft_model(c.encoder.model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    c.encoder.attach_lora(LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     _randomise_lora(c.encoder, 1)
     c.transformer = get_peft_model(c.transformer, LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_v"]))
     _randomise_lora(c.transformer, 2)
@@ -124,7 +124,7 @@ def test_release_format_llm_lora_shards(tmp_path, tiny_checkpoint, naming):
         if naming == "current"
         else r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
     )
-    ref.encoder.model = get_peft_model(ref.encoder.model, LoraConfig(r=32, lora_alpha=64, target_modules=targets))
+    ref.encoder.attach_lora(LoraConfig(r=32, lora_alpha=64, target_modules=targets))
     _randomise_lora(ref.encoder, 3)
     state = ref.encoder.state_dict()
     if naming == "pre-4.52":
@@ -219,3 +219,58 @@ def test_plain_qwen_without_projector_is_refused(tmp_path, tiny_checkpoint):
 def test_format_file_records_version(tiny_checkpoint):
     meta = json.loads((tiny_checkpoint / "uae_fast.json").read_text())
     assert meta["format"] == "uae_fast" and meta["version"] == 1
+
+
+# ------------------------------------------------------------------ inference defaults travel with the checkpoint
+def _with_meta(tmp_path, tiny_checkpoint, edit):
+    """A checkpoint sharing the tiny one's folders (symlinks) with an edited uae_fast.json."""
+    folder = tmp_path / "edited"
+    folder.mkdir()
+    for sub in ("llm", "SD3", "dit"):
+        (folder / sub).symlink_to(tiny_checkpoint / sub)
+    meta = json.loads((tiny_checkpoint / "uae_fast.json").read_text())
+    edit(meta)
+    (folder / "uae_fast.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_inference_defaults_round_trip(tiny_checkpoint):
+    """A model saved from the tiny preset renders with the tiny preset's sizes when loaded back."""
+    meta = json.loads((tiny_checkpoint / "uae_fast.json").read_text())
+    assert meta["inference_defaults"] == {
+        "temperature": 0.7, "top_p": 1.0, "max_new_tokens": 24, "steps": 6, "guidance": 5.0, "size": 64
+    }  # fmt: skip
+    loaded = uae_fast.load(tiny_checkpoint, device="cpu")
+    assert loaded.defaults == PRESETS["tiny"] != uae_fast.InferenceDefaults()
+    assert loaded.generate_tensors(["a cat"], steps=1).shape[-2:] == (64, 64)  # size from the stored defaults
+
+
+def test_checkpoint_without_inference_defaults_gets_the_official_ones(tmp_path, tiny_checkpoint):
+    folder = _with_meta(tmp_path, tiny_checkpoint, lambda meta: meta.pop("inference_defaults"))
+    assert uae_fast.load(folder, device="cpu").defaults == uae_fast.InferenceDefaults(
+        temperature=0.7, top_p=1.0, max_new_tokens=512, steps=40, guidance=5.0, size=1024
+    )
+    # and a partial object keeps the official value of every key it leaves out
+    folder = tmp_path / "partial"
+    folder.mkdir()
+    defaults = uae_fast.InferenceDefaults.from_json({"steps": 3}, folder / "uae_fast.json")
+    assert defaults == uae_fast.InferenceDefaults(steps=3)
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ({"steps": "40"}, 'inference_defaults.steps is "40"; expected an integer >= 1'),
+        ({"size": 0}, "inference_defaults.size is 0"),
+        ({"max_new_tokens": 2.5}, "inference_defaults.max_new_tokens is 2.5"),
+        ({"top_p": 1.5}, "inference_defaults.top_p is 1.5; expected a number in \\(0, 1\\]"),
+        ({"temperature": True}, "inference_defaults.temperature is true"),
+        ({"stpes": 4}, "unknown inference_defaults key 'stpes'"),
+        ([1, 2], "inference_defaults must be a JSON object"),
+    ],
+)
+def test_malformed_inference_defaults_are_one_line_errors(tmp_path, tiny_checkpoint, value, message):
+    folder = _with_meta(tmp_path, tiny_checkpoint, lambda meta: meta.update(inference_defaults=value))
+    with pytest.raises(CheckpointError, match=message) as err:
+        uae_fast.load(folder, device="cpu")
+    assert str(err.value).startswith(str(folder / "uae_fast.json")) and "\n" not in str(err.value)

@@ -15,8 +15,9 @@ Nothing here downloads: a missing folder is a `CheckpointError` that names the p
 from __future__ import annotations
 
 import json
+import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -25,13 +26,71 @@ from safetensors.torch import save_file
 from ..errors import CheckpointError
 from ..io import atomic_dir
 from .decoder import TextEncoders, clip_pooled_embeds
-from .lora import base_state_dict, load_encoder_lora, save_lora
+from .lora import base_state_dict, save_lora
 
-__all__ = ["UAEComponents", "save_components", "load_components", "default_device", "default_dtype"]
+__all__ = [
+    "InferenceDefaults",
+    "UAEComponents",
+    "save_components",
+    "load_components",
+    "default_device",
+    "default_dtype",
+    "FORMAT_FILE",
+]
 
-_FORMAT_FILE = "uae_fast.json"
+FORMAT_FILE = "uae_fast.json"  # our metadata next to the released layout
 _DIT_WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' file name, so SD3Transformer2DModel loads it
 _TEXT_ENCODER_FOLDERS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+
+
+@dataclass
+class InferenceDefaults:
+    """Sampling defaults of a model; every `UAE` method argument left as None falls back to these.
+
+    Saved with a checkpoint (`uae_fast.json`, key `inference_defaults`) and restored by `uae_fast.load`, so a model
+    trained from the tiny preset keeps the tiny preset's sizes. These values are the official UAE recipe.
+    """
+
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    steps: int = 40
+    guidance: float = 5.0
+    size: int = 1024
+
+    @classmethod
+    def from_json(cls, value, where: Path) -> InferenceDefaults:
+        """Parse the `inference_defaults` object read from `where` (missing keys keep the official values).
+
+        Raises:
+            CheckpointError: not an object, an unknown key, or a value of the wrong type or range; names the file.
+        """
+        if not isinstance(value, dict):
+            raise CheckpointError(f"{where}: inference_defaults must be a JSON object, got {json.dumps(value)}")
+        parsed = {}
+        for key, v in value.items():
+            if key not in _RULES:
+                raise CheckpointError(f"{where}: unknown inference_defaults key {key!r} (known: {', '.join(_RULES)})")
+            kind, low, high, what = _RULES[key]
+            number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if not number or (kind is int and not isinstance(v, int)) or not (v >= low and v <= high):
+                raise CheckpointError(f"{where}: inference_defaults.{key} is {json.dumps(v)}; expected {what}")
+            parsed[key] = kind(v)
+        return cls(**parsed)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# key: (type, lowest, highest, description) of the stored inference defaults
+_RULES = {
+    "temperature": (float, 0.0, math.inf, "a number >= 0"),
+    "top_p": (float, 1e-9, 1.0, "a number in (0, 1]"),
+    "max_new_tokens": (int, 1, math.inf, "an integer >= 1"),
+    "steps": (int, 1, math.inf, "an integer >= 1"),
+    "guidance": (float, 0.0, math.inf, "a number >= 0"),
+    "size": (int, 1, math.inf, "an integer >= 1"),
+}
 
 
 @dataclass
@@ -50,6 +109,7 @@ class UAEComponents:
     # llm mode: pooled = pooled("") + w * masked mean of the caption's prompt embeddings. 0 (the official recipe)
     # for real checkpoints; the tiny preset sets it so that captions visibly steer its random decoder.
     caption_pooled_weight: float = 0.0
+    inference_defaults: InferenceDefaults | None = None  # from uae_fast.json; None: not stored (official values)
 
     def to(self, device, dtype) -> UAEComponents:
         modules = [self.encoder, self.transformer, self.vae]
@@ -80,13 +140,19 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def save_components(components: UAEComponents, out_dir: str | Path) -> Path:
-    """Write `components` in the released layout, atomically (a temp folder renamed into place)."""
+def save_components(
+    components: UAEComponents, out_dir: str | Path, *, inference_defaults: InferenceDefaults | None = None
+) -> Path:
+    """Write `components` in the released layout, atomically (a temp folder renamed into place).
+
+    `inference_defaults` (default: `components.inference_defaults`) go into `uae_fast.json` when given.
+    """
     out_dir = Path(out_dir)
+    defaults = inference_defaults or components.inference_defaults
     with atomic_dir(out_dir) as tmp:
         encoder = components.encoder
-        if _is_peft(encoder.model):
-            save_lora(encoder.model, tmp / "llm_lora")
+        if encoder.lora_model is not None:
+            save_lora(encoder.lora_model, tmp / "llm_lora")
         encoder.save_pretrained(tmp / "llm", state_dict=base_state_dict(encoder))
         components.processor.save_pretrained(tmp / "llm")
 
@@ -107,7 +173,9 @@ def save_components(components: UAEComponents, out_dir: str | Path) -> Path:
             "t5_max_sequence_length": max_sequence_length,
             "caption_pooled_weight": components.caption_pooled_weight,
         }
-        (tmp / _FORMAT_FILE).write_text(json.dumps(meta, indent=2))
+        if defaults is not None:
+            meta["inference_defaults"] = defaults.to_json()
+        (tmp / FORMAT_FILE).write_text(json.dumps(meta, indent=2))
     return out_dir
 
 
@@ -127,6 +195,18 @@ def _save_text_encoders(components: UAEComponents, sd3: Path) -> int:
         if obj is not None:
             obj.save_pretrained(sd3 / sub)
     return enc.max_sequence_length
+
+
+def _read_meta(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return meta
 
 
 def _is_peft(module: torch.nn.Module) -> bool:
@@ -176,7 +256,7 @@ def _load_encoder(root: Path):
         raise CheckpointError(f"{llm} has no projector weights ({', '.join(sorted(missing))}): not a UAE encoder")
     lora = root / "llm_lora"
     if lora.exists():
-        load_encoder_lora(encoder, lora)
+        encoder.load_lora(lora)
         _aligned(encoder)
     return encoder.eval()
 
@@ -214,8 +294,10 @@ def load_components(root: str | Path, *, conditioning: str = "llm") -> UAECompon
     if not root.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {root}")
     sd3 = _require(root / "SD3", "SD3 base pipeline folder")
-    meta_path = root / _FORMAT_FILE
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta_path = root / FORMAT_FILE
+    meta = _read_meta(meta_path)
+    defaults = meta.get("inference_defaults")
+    defaults = None if defaults is None else InferenceDefaults.from_json(defaults, meta_path)
 
     encoder = _load_encoder(root)
     processor = _load_processor(root)
@@ -241,6 +323,7 @@ def load_components(root: str | Path, *, conditioning: str = "llm") -> UAECompon
         source=root,
         max_sequence_length=max_len,
         caption_pooled_weight=float(meta.get("caption_pooled_weight", 0.0)),
+        inference_defaults=defaults,
     )
     if conditioning == "llm":
         components.compute_pooled_empty()

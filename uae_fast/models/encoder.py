@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,6 +20,7 @@ __all__ = [
     "NEGATIVE_PROMPT",
     "GENERATE_ROLE",
     "UAEEncoder",
+    "special_token_ids_to_suppress",
     "caption_messages",
     "conditioning_messages",
     "attention_implementation",
@@ -93,6 +95,57 @@ class UAEEncoder(Qwen2_5_VLForConditionalGeneration):
         # versions the released checkpoint was trained with.
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         return self.projector(hidden)
+
+    # ------------------------------------------------------------------ LoRA adapters
+    @property
+    def lora_model(self):
+        """The PEFT model wrapping the inner `Qwen2_5_VLModel` (`self.model`) when adapters are attached, else None.
+
+        Its `disable_adapter()` context gives the base model; `save_pretrained` writes the adapter folder.
+        """
+        model = self.model
+        return model if hasattr(model, "peft_config") and hasattr(model, "disable_adapter") else None
+
+    def attach_lora(self, config):
+        """Wrap the inner model (`self.model`, vision tower + language model) with new LoRA adapters, in place.
+
+        The LoRA layers are injected into the existing modules, so references to `self.model.language_model` etc.
+        taken before stay valid; the projector and LM head are not wrapped. Target names in `config` are relative
+        to `self.model` (e.g. `language_model.layers.0.self_attn.q_proj`).
+
+        Args:
+            config: a `peft.LoraConfig`.
+
+        Returns:
+            The `peft.PeftModel` now at `self.model` (also `self.lora_model`).
+
+        Raises:
+            ConfigError: adapters are already attached (train or load into those instead).
+        """
+        from peft import get_peft_model
+
+        from ..errors import ConfigError
+
+        if self.lora_model is not None:
+            raise ConfigError("the encoder already carries LoRA adapters; attach_lora adds the first set only")
+        self.model = get_peft_model(self.model, config)
+        return self.model
+
+    def load_lora(self, path) -> None:
+        """Attach the LoRA adapters saved at `path`: a PEFT adapter folder (ours) or the release's `llm_lora/`
+        full-state-dict shards (see `uae_fast.models.lora`). In place, like :meth:`attach_lora`."""
+        from peft import PeftModel
+
+        from ..errors import ConfigError
+        from .lora import load_release_lora
+
+        if self.lora_model is not None:
+            raise ConfigError("the encoder already carries LoRA adapters; load_lora adds the first set only")
+        path = Path(path)
+        if (path / "adapter_config.json").exists():
+            self.model = PeftModel.from_pretrained(self.model, str(path))
+        else:
+            load_release_lora(self, path)
 
 
 def special_token_ids_to_suppress(tokenizer, keep: Sequence[int]) -> list[int]:

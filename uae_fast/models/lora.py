@@ -16,7 +16,14 @@ import torch
 
 from ..errors import CheckpointError
 
-__all__ = ["save_lora", "load_encoder_lora", "base_state_dict", "RELEASE_LORA_RANK", "RELEASE_LORA_ALPHA"]
+__all__ = [
+    "save_lora",
+    "load_encoder_lora",
+    "load_release_lora",
+    "base_state_dict",
+    "RELEASE_LORA_RANK",
+    "RELEASE_LORA_ALPHA",
+]
 
 RELEASE_LORA_RANK = 32
 RELEASE_LORA_ALPHA = 64
@@ -84,15 +91,16 @@ def _release_rank(state: dict[str, torch.Tensor], path: Path) -> int:
     return ranks.pop()
 
 
-def _load_release_lora(encoder, path: Path) -> None:
-    from peft import LoraConfig, get_peft_model
+def load_release_lora(encoder, path: Path) -> None:
+    """Attach the release's `llm_lora/` shards (the whole PEFT-wrapped state dict) to a bare `UAEEncoder`."""
+    from peft import LoraConfig
 
     state = _read_release_shards(path)
     targets = _release_targets(state, encoder.model, path)
     rank = _release_rank(state, path)
     alpha = RELEASE_LORA_ALPHA * rank // RELEASE_LORA_RANK  # the release's alpha/r = 2
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights="gaussian")
-    encoder.model = get_peft_model(encoder.model, config)
+    encoder.attach_lora(config)
     ours = {_canonical(k): k for k in encoder.state_dict()}
     unmatched = [k for k in state if _canonical(k) not in ours]
     if unmatched:
@@ -106,11 +114,5 @@ def _load_release_lora(encoder, path: Path) -> None:
 
 
 def load_encoder_lora(encoder, path: Path) -> None:
-    """Attach the encoder LoRA at `path` (PEFT adapter folder or release shards) to `encoder.model`, in place."""
-    from peft import PeftModel
-
-    path = Path(path)
-    if (path / "adapter_config.json").exists():
-        encoder.model = PeftModel.from_pretrained(encoder.model, str(path))
-    else:
-        _load_release_lora(encoder, path)
+    """Attach the encoder LoRA at `path` (PEFT adapter folder or release shards): `encoder.load_lora(path)`."""
+    encoder.load_lora(Path(path))

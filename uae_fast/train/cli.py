@@ -29,7 +29,11 @@ def add_train_parser(sub) -> None:
         nargs="?",
         const="auto",
         default=None,
-        help="continue a run: the latest checkpoint in --out (no value) or a checkpoint folder",
+        help="continue a run: the latest checkpoint in --out (no value; starts fresh when there is none) or a "
+        "checkpoint folder",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier run in --out (a run folder is refused otherwise)"
     )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (dotted keys)")
 
@@ -50,6 +54,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         overrides.append(f"output_dir={args.out}")
     if args.resume is not None:
         overrides.append(f"resume={args.resume}")
+    if args.overwrite:
+        overrides.append("overwrite=true")
     config = load_train_config(args.config or PRESET_CONFIGS[args.preset], overrides)
     if not config.output_dir:
         raise ConfigError("no run folder: pass --out RUN_DIR (or output_dir=... in the config)")
@@ -61,7 +67,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def _quiet() -> None:
     import warnings
 
-    from ..cli import _quiet_libraries
+    from ..cli import quiet_libraries as _quiet_libraries
 
     _quiet_libraries()
     # PEFT still calls a transformers method deprecated in 5.x; the warning says nothing the user can act on.
