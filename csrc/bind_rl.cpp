@@ -135,7 +135,7 @@ void bind_rl(py::module_& m) {
   m.def(
       "pack_sequences",
       [](const py::object& lengths, int64_t token_budget, const py::object& offsets, const py::object& group_ids,
-         const py::object& include, bool keep_groups, const std::string& oversize) {
+         const py::object& include, bool keep_groups, const std::string& oversize, const py::object& shared_prefix) {
         I64 len = I64::ensure(lengths);
         if (!len || len.ndim() != 1) throw uae::PackError("lengths must be a 1-D integer array");
         const int64_t n = len.shape(0);
@@ -165,6 +165,11 @@ void bind_rl(py::module_& m) {
         uae::PackOptions opt;
         opt.token_budget = token_budget;
         opt.keep_groups = keep_groups;
+        if (!shared_prefix.is_none()) {
+          ki.push_back(I64::ensure(shared_prefix));
+          check("shared_prefix", ki.back().size());
+          opt.shared_prefix = ki.back().data();
+        }
         if (oversize == "error") {
           opt.oversize = uae::Oversize::kError;
         } else if (oversize == "own_batch") {
@@ -181,6 +186,7 @@ void bind_rl(py::module_& m) {
       },
       py::arg("lengths"), py::arg("token_budget"), py::arg("offsets") = py::none(), py::arg("group_ids") = py::none(),
       py::arg("include") = py::none(), py::arg("keep_groups") = false, py::arg("oversize") = "error",
+      py::arg("shared_prefix") = py::none(),
       "First-fit-decreasing packing into micro-batches of at most token_budget tokens (varlen layout).");
 }
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from ..rl.config import IS_LEVELS, LOSS_TYPES
 from .linear_logprobs import (
     DEFAULT_CHUNK,
     accumulate_head_grad,
@@ -38,9 +39,6 @@ __all__ = [
     "fused_linear_grpo_loss",
     "grpo_loss_ref",
 ]
-
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-IS_LEVELS = ("token", "sequence")
 
 
 def token_weights(

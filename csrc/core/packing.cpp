@@ -39,7 +39,8 @@ class FirstFitTree {
 };
 
 struct Item {
-  int64_t length = 0;
+  int64_t length = 0;  // packed tokens
+  int64_t cost = 0;    // tokens against the budget: length + the group's shared prefix (once)
   std::vector<int64_t> seqs;  // in input order
 };
 
@@ -53,6 +54,9 @@ PackResult pack_sequences(int64_t n, const int64_t* lengths, const int64_t* offs
   }
   if (n < 0 || (n > 0 && lengths == nullptr)) throw PackError("pack: lengths missing");
   if (options.keep_groups && n > 0 && group_ids == nullptr) throw PackError("pack: keep_groups needs group ids");
+  if (options.shared_prefix != nullptr && !options.keep_groups) {
+    throw PackError("pack: a shared prefix is per group: it needs keep_groups");
+  }
 
   // Items: one per included sequence, or one per group.
   std::vector<Item> items;
@@ -65,22 +69,31 @@ PackResult pack_sequences(int64_t n, const int64_t* lengths, const int64_t* offs
     }
     if (options.keep_groups) {
       auto [it, fresh] = item_of_group.try_emplace(group_ids[i], static_cast<int64_t>(items.size()));
-      if (fresh) items.emplace_back();
+      if (fresh) {
+        items.emplace_back();
+        if (options.shared_prefix != nullptr) {
+          if (options.shared_prefix[i] < 0) {
+            throw PackError("sequence " + std::to_string(i) + ": negative shared prefix length");
+          }
+          items.back().cost = options.shared_prefix[i];
+        }
+      }
       Item& item = items[static_cast<size_t>(it->second)];
       item.length += lengths[i];
+      item.cost += lengths[i];
       item.seqs.push_back(i);
     } else {
-      items.push_back(Item{lengths[i], {i}});
+      items.push_back(Item{lengths[i], lengths[i], {i}});
     }
   }
   for (const Item& item : items) {
     if (item.length > std::numeric_limits<int32_t>::max()) {
       throw PackError("sequence " + std::to_string(item.seqs[0]) + ": too long for int32 cu_seqlens");
     }
-    if (item.length > budget && options.oversize == Oversize::kError) {
+    if (item.cost > budget && options.oversize == Oversize::kError) {
       if (options.keep_groups) {
         throw PackError("group " + std::to_string(group_ids[item.seqs[0]]) + " (sequences starting at " +
-                        std::to_string(item.seqs[0]) + "): " + std::to_string(item.length) +
+                        std::to_string(item.seqs[0]) + "): " + std::to_string(item.cost) +
                         " tokens exceed token_budget " + std::to_string(budget) +
                         "; raise the budget, pass keep_groups=False, or oversize='own_batch'");
       }
@@ -94,11 +107,11 @@ PackResult pack_sequences(int64_t n, const int64_t* lengths, const int64_t* offs
   std::vector<int64_t> by_length(items.size());
   std::iota(by_length.begin(), by_length.end(), 0);
   std::stable_sort(by_length.begin(), by_length.end(),
-                   [&](int64_t a, int64_t b) { return items[a].length > items[b].length; });
+                   [&](int64_t a, int64_t b) { return items[a].cost > items[b].cost; });
   FirstFitTree tree(static_cast<int64_t>(items.size()), budget);
   std::vector<std::vector<int64_t>> bins;
   for (int64_t idx : by_length) {
-    const int64_t len = items[idx].length;
+    const int64_t len = items[idx].cost;
     int64_t bin;
     if (len > budget) {  // own batch: the leftmost untouched bin, closed at once
       bin = tree.leftmost_at_least(budget);

@@ -27,6 +27,10 @@ struct PackOptions {
   int64_t token_budget = 0;
   bool keep_groups = false;  // all sequences of a group go to the same micro-batch
   Oversize oversize = Oversize::kError;
+  // Optional, with keep_groups: per sequence, the tokens of the prompt its group shares (a prefix forwarded once
+  // per group, e.g. an image prompt before G captions). It counts once per group against the budget and is not
+  // part of the packed token stream. Read from the group's first sequence.
+  const int64_t* shared_prefix = nullptr;
 };
 
 struct PackResult {

@@ -171,3 +171,33 @@ def test_oversize_and_zero_length():
     with pytest.raises(ValueError, match="oversize"):
         pack_sequences([1], 10, oversize="split")
     assert pack_sequences([], 10).batches == []
+
+
+def test_shared_prefix_counts_once_per_group():
+    """With keep_groups, a group's shared prompt is charged once against the budget (FFD over group costs, checked
+    against the textbook FFD on those costs), and is not part of the packed tokens."""
+    buf = RolloutBuffer()
+    rng = np.random.default_rng(3)
+    prompts = rng.integers(50, 300, 7)
+    for group, prompt in enumerate(prompts):
+        for _ in range(4):
+            buf.add(group, group, rng.integers(0, 100, rng.integers(1, 30)))
+    lengths = np.diff(buf.offsets)
+    include = np.ones(len(buf), dtype=bool)
+    include[[1, 2]] = False  # left out: not packed and not charged
+    budget = 500
+    shared = np.repeat(prompts, 4)  # the image prompt each caption of the group follows (not stored in the buffer)
+    res = buf.pack(budget, keep_groups=True, shared_prefix=shared, include=include)
+    costs = [
+        int(p) + sum(int(lengths[i]) for i in range(4 * g, 4 * g + 4) if include[i]) for g, p in enumerate(prompts)
+    ]
+    expected = [
+        [s for g in groups for s in range(4 * g, 4 * g + 4) if include[s]] for groups in _ffd_reference(costs, budget)
+    ]
+    assert [b.sample_index.tolist() for b in res.batches] == expected
+    for b in res.batches:  # the packed stream holds the completions only
+        assert b.num_tokens == sum(int(lengths[s]) for s in b.sample_index.tolist())
+    with pytest.raises(ValueError, match="group 0 .* exceed token_budget"):
+        buf.pack(int(prompts[0]), keep_groups=True, shared_prefix=shared)
+    with pytest.raises(ValueError, match="needs keep_groups"):
+        pack_sequences([1, 2], 10, shared_prefix=[5, 5])

@@ -7,13 +7,14 @@ The heavy lifting (log-probs and loss fused with the LM head, never materialisin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import ConfigError
-from ..kernels.grpo_loss import IS_LEVELS, LOSS_TYPES, fused_linear_grpo_loss
+from ..kernels.grpo_loss import fused_linear_grpo_loss
 from ..kernels.linear_logprobs import linear_logprobs
+from .config import SCALE_REWARDS, GRPOLossConfig
 
 __all__ = [
     "SCALE_REWARDS",
@@ -25,7 +26,6 @@ __all__ = [
     "completion_logprobs",
 ]
 
-SCALE_REWARDS = ("group", "batch", "none")
 ADVANTAGE_EPS = 1e-4  # TRL's: keeps (r - mean) / (std + eps) finite for a near-tied group, never 0 / 0
 # A group whose std is at most this many fp32 ulps of its largest |reward| is tied: advantages exactly 0. Reward
 # functions combine a few weighted fp32 terms, each rounding by half an ulp, so the same score reached along two
@@ -33,53 +33,6 @@ ADVANTAGE_EPS = 1e-4  # TRL's: keeps (r - mean) / (std + eps) finite for a near-
 # still push the whole group (and the zero-advantage skip would never fire). 8 ulps ~ 1e-6 relative: far below any
 # reward resolution that means something, far above what the rounding of a handful of terms can produce.
 TIE_ULPS = 8
-
-
-@dataclass
-class GRPOLossConfig:
-    """Loss settings of the GRPO update (TRL names)."""
-
-    beta: float = field(default=0.0, metadata={"help": "KL coefficient (k3 estimator); 0 skips the reference pass"})
-    epsilon: float = field(default=0.2, metadata={"help": "lower clipping bound: ratio >= 1 - epsilon"})
-    epsilon_high: float | None = field(
-        default=None, metadata={"help": "upper bound 1 + epsilon_high (default epsilon)"}
-    )
-    loss_type: str = field(default="dapo", metadata={"help": f"normalisation, one of {LOSS_TYPES}"})
-    importance_sampling_level: str = field(default="token", metadata={"help": f"one of {IS_LEVELS}"})
-    scale_rewards: str = field(default="group", metadata={"help": f"advantage scaling, one of {SCALE_REWARDS}"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature, divides the logits"})
-    max_completion_length: int = field(default=512, metadata={"help": "tokens per caption (dr_grpo normaliser)"})
-    chunk_size: int = field(default=1024, metadata={"help": "tokens per chunk of the fused LM head"})
-    vocab_block: int | None = field(
-        default=8192, metadata={"help": "vocabulary entries per block (None = all at once: more memory)"}
-    )
-    compute_entropy: bool = field(default=True, metadata={"help": "compute the mean entropy metric"})
-
-    def __post_init__(self):
-        checks = [
-            (self.loss_type in LOSS_TYPES, f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}"),
-            (
-                self.importance_sampling_level in IS_LEVELS,
-                f"importance_sampling_level must be one of {IS_LEVELS}, got {self.importance_sampling_level!r}",
-            ),
-            (
-                self.scale_rewards in SCALE_REWARDS,
-                f"scale_rewards must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}",
-            ),
-            (self.beta >= 0, f"beta must be >= 0, got {self.beta}"),
-            (0 <= self.epsilon < 1, f"epsilon must be in [0, 1), got {self.epsilon}"),
-            (
-                self.epsilon_high is None or self.epsilon_high >= 0,
-                f"epsilon_high must be >= 0, got {self.epsilon_high}",
-            ),
-            (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
-            (self.max_completion_length >= 1, f"max_completion_length must be >= 1, got {self.max_completion_length}"),
-            (self.chunk_size >= 1, f"chunk_size must be >= 1, got {self.chunk_size}"),
-            (self.vocab_block is None or self.vocab_block >= 1, f"vocab_block must be >= 1, got {self.vocab_block}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
 
 
 @dataclass

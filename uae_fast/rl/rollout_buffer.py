@@ -85,6 +85,7 @@ def pack_sequences(
     include: Sequence[bool] | np.ndarray | None = None,
     keep_groups: bool = False,
     oversize: str = "error",
+    shared_prefix: Sequence[int] | np.ndarray | None = None,
 ) -> PackedBatches:
     """Packs ragged sequences into micro-batches of at most ``token_budget`` tokens (first-fit decreasing).
 
@@ -97,6 +98,9 @@ def pack_sequences(
         keep_groups: Put all sequences of a group in the same micro-batch (for losses normalised per group).
         oversize: What to do with a sequence (or kept group) longer than the budget: ``"error"`` (default, a
             ValueError naming it) or ``"own_batch"`` (it gets a micro-batch of its own, over budget).
+        shared_prefix: ``[N]`` with ``keep_groups``: tokens of the prompt each sequence's group shares (forwarded
+            once per group, like an image prompt before its G captions); counted once per group against the
+            budget (read from the group's first sequence), not part of the packed tokens.
 
     Returns:
         The packed micro-batches, deterministic for the same input (ties keep input order).
@@ -115,6 +119,7 @@ def pack_sequences(
         inc,
         bool(keep_groups),
         oversize,
+        None if shared_prefix is None else np.asarray(shared_prefix, dtype=np.int64),
     )
     t = {k: torch.from_numpy(v) for k, v in res.items()}
     seq_off, tok_off = res["batch_seq_offsets"], res["batch_token_offsets"]
@@ -259,20 +264,34 @@ class RolloutBuffer:
         return out
 
     def pack(
-        self, token_budget: int, *, keep_groups: bool = False, oversize: str = "error", include_skipped: bool = False
+        self,
+        token_budget: int,
+        *,
+        keep_groups: bool = False,
+        oversize: str = "error",
+        include_skipped: bool = False,
+        include: np.ndarray | None = None,
+        shared_prefix: Sequence[int] | np.ndarray | None = None,
     ) -> PackedBatches:
-        """Packs this buffer's samples (skipped ones excluded unless ``include_skipped``); see
-        :func:`pack_sequences`. ``token_index`` indexes :attr:`tokens` / :attr:`old_logprob` directly."""
+        """Packs this buffer's samples (skipped ones excluded unless ``include_skipped``, and only those where
+        ``include`` [N] is true when given); see :func:`pack_sequences`. ``token_index`` indexes :attr:`tokens` /
+        :attr:`old_logprob` directly. ``shared_prefix`` ``[N]`` (with ``keep_groups``): tokens of a prompt that
+        is not stored here and that each sample's group shares (forwarded once, e.g. an image prompt before its
+        G captions), charged once per group against the budget."""
         off = self.view("offsets")
-        include = None if include_skipped else ~self.view("skipped")
+        keep = None if include_skipped else ~self.view("skipped").astype(bool)
+        if include is not None:
+            include = np.asarray(include, dtype=bool)
+            keep = include if keep is None else keep & include
         return pack_sequences(
             np.diff(off),
             token_budget,
             offsets=off[:-1],
             group_ids=self.view("group_id"),
-            include=include,
+            include=keep,
             keep_groups=keep_groups,
             oversize=oversize,
+            shared_prefix=shared_prefix,
         )
 
 

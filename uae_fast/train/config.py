@@ -15,7 +15,7 @@ from ..config import apply_overrides, from_dict, load_yaml, to_dict
 from ..data.images import DEFAULT_MAX_IMAGE_PIXELS
 from ..errors import ConfigError
 from ..rewards.config import RewardConfig
-from ..rl.grpo import GRPOLossConfig
+from ..rl.config import GRPOLossConfig
 
 __all__ = [
     "STAGES",

@@ -21,6 +21,7 @@ import torch
 from ..errors import UAEError
 from ..rewards.reconstruction import ReconstructionReward
 from ..rl.grpo import GroupAdvantages, PackedCompletions, completion_logprobs, group_advantages, grpo_loss
+from ..rl.rollout_buffer import RolloutBuffer
 from .config import TrainConfig
 from .data import ImageDataset, TrainImage
 from .loop import StageTrainer
@@ -74,6 +75,7 @@ class G4UTrainer(StageTrainer):
         self.policy = CaptionPolicy(self.uae.encoder, self.uae.processor, cfg.lora)
         self.reward = ReconstructionReward.from_config(cfg.reward, device=self.device)
         self.dataset = ImageDataset(cfg.data, seed=cfg.seed)
+        self.buffer = RolloutBuffer()
         self.build_optimizer(self.policy.trainable_parameters())
 
     def adapters(self) -> dict:
@@ -148,40 +150,51 @@ class G4UTrainer(StageTrainer):
         """`num_iterations` optimizer steps on the rollouts, each accumulating gradients over packed micro-batches."""
         cfg = self.config
         encoded = ImageBatch.concat([b.encoded for b in batches])
-        rows, completions, advantages, offset = [], [], [], 0
-        for b in batches:
-            g = b.completions.num_generations
-            n = len(b.captions)
-            rows += [offset + i // g for i in range(n)]
-            completions += [b.completions.token_list(i) for i in range(n)]
-            advantages.append(b.advantages)
-            offset += len(b.images)
-        advantages = torch.cat(advantages).to(self.device)
+        buf = self._store(batches)
+        rows = buf.prompt_id.tolist()
+        completions = [torch.from_numpy(buf.sequence(i)).to(self.device) for i in range(len(buf))]
+        advantages = torch.from_numpy(buf.advantage.copy()).to(self.device)
         # A zero advantage contributes nothing but its KL term: skip those sequences when beta is 0.
-        include = [bool(a != 0) or cfg.loss.beta > 0 for a in advantages.tolist()]
-        total_tokens = sum(len(c) for c in completions)
+        include = (buf.advantage != 0) | (cfg.loss.beta > 0)
+        total_tokens = buf.num_tokens
         metrics: dict[str, list] = {}
-        if not any(include):  # no learning signal: no update, but the schedule still advances as planned
+        if not include.any():  # no learning signal: no update, but the schedule still advances as planned
             with warnings.catch_warnings():  # torch warns of a scheduler step without an optimizer step: intended
                 warnings.simplefilter("ignore", UserWarning)
                 for _ in range(cfg.num_iterations):
                     self.scheduler.step()
             return {"loss": 0.0, "grad_norm": 0.0, "update/sequences": 0}
-        micro = self._micro_batches(rows, completions, include, encoded)
+        # Whole groups per micro-batch, first-fit decreasing under `micro_batch_tokens`, each group's prompt charged
+        # once (it is forwarded once and shared by the group's completions); a group over the budget goes alone.
+        packed = buf.pack(
+            cfg.micro_batch_tokens,
+            keep_groups=True,
+            shared_prefix=[len(encoded.prompt_ids[row]) for row in rows],
+            oversize="own_batch",
+            include=include,
+        )
+        micro = [mb.sample_index.tolist() for mb in packed.batches]
+        token_index = [mb.token_index.numpy() for mb in packed.batches]
 
-        def logprobs_of(index: list[int]) -> torch.Tensor:
+        def logprobs_into(field, k: int) -> None:  # no-grad pass of micro-batch k, stored per token in the buffer
+            index = micro[k]
             hidden, tokens, _ = self.policy.completion_hidden(
                 encoded, [rows[i] for i in index], [completions[i] for i in index]
             )
-            return completion_logprobs(hidden, self.policy.encoder.lm_head.weight, tokens, cfg.loss)[0]
+            logp = completion_logprobs(hidden, self.policy.encoder.lm_head.weight, tokens, cfg.loss)[0]
+            field[token_index[k]] = logp.float().cpu().numpy()
 
-        ref, old = {}, {}
         with torch.no_grad():
             if cfg.loss.beta > 0:
                 with self.policy.adapters_disabled():
-                    ref = {k: logprobs_of(index) for k, index in enumerate(micro)}
+                    for k in range(len(micro)):
+                        logprobs_into(buf.ref_logprob, k)
             if cfg.num_iterations > 1:  # on-policy otherwise: the ratio is exactly 1 and needs no old pass
-                old = {k: logprobs_of(index) for k, index in enumerate(micro)}
+                for k in range(len(micro)):
+                    logprobs_into(buf.old_logprob, k)
+
+        def per_token(field, k: int) -> torch.Tensor:
+            return torch.from_numpy(field[token_index[k]]).to(self.device)
 
         params = self.policy.trainable_parameters()
         batch_losses = []
@@ -191,7 +204,13 @@ class G4UTrainer(StageTrainer):
                 hidden, tokens, seq = self.policy.completion_hidden(
                     encoded, [rows[i] for i in index], [completions[i] for i in index]
                 )
-                batch = PackedCompletions(tokens, seq, len(index), old_logp=old.get(k), ref_logp=ref.get(k))
+                batch = PackedCompletions(
+                    tokens,
+                    seq,
+                    len(index),
+                    old_logp=per_token(buf.old_logprob, k) if cfg.num_iterations > 1 else None,
+                    ref_logp=per_token(buf.ref_logprob, k) if cfg.loss.beta > 0 else None,
+                )
                 loss, _, m = grpo_loss(
                     hidden, self.policy.encoder.lm_head.weight, batch, advantages[index], cfg.loss, total_tokens
                 )
@@ -213,24 +232,30 @@ class G4UTrainer(StageTrainer):
         out = {k: sum(v * w for v, w in vals) / max(sum(w for _, w in vals), 1) for k, vals in metrics.items()}
         out["loss"] = sum(batch_losses) / len(batch_losses)
         out["grad_norm"] = float(norm)
-        out["update/sequences"] = sum(include)
+        out["update/sequences"] = int(include.sum())
         return out
 
-    def _micro_batches(self, rows, completions, include, encoded: ImageBatch) -> list[list[int]]:
-        """Whole groups per micro-batch (their prompt is forwarded once and shared), filled in order up to
-        `micro_batch_tokens` = Σ prompt + Σ completion tokens; a group over the budget gets a micro-batch alone."""
-        by_image: dict[int, list[int]] = {}
-        for i, (row, keep) in enumerate(zip(rows, include)):
-            if keep:
-                by_image.setdefault(row, []).append(i)
-        batches, current, used = [], [], 0
-        for row, members in by_image.items():
-            cost = len(encoded.prompt_ids[row]) + sum(len(completions[i]) for i in members)
-            if current and used + cost > self.config.micro_batch_tokens:
-                batches.append(current)
-                current, used = [], 0
-            current, used = current + members, used + cost
-        return batches + [current]
+    def _store(self, batches: list[RolloutBatch]) -> RolloutBuffer:
+        """The step's rollouts, all accumulation chunks, in the C++ rollout store: per completion its image (prompt
+        and group id), tokens, reward, advantage and truncation flag; per token the reference and old log-probs,
+        filled by the no-grad passes. (The image prompts stay in `ImageBatch`: they are shared, not per sample.)"""
+        buf = self.buffer
+        buf.clear()
+        first_image = 0
+        for b in batches:
+            g, n = b.completions.num_generations, len(b.captions)
+            image = torch.arange(first_image, first_image + len(b.images)).repeat_interleave(g)
+            buf.add_batch(
+                image,
+                image,
+                b.completions.lengths,
+                torch.cat([b.completions.token_list(i) for i in range(n)]),
+                rewards=b.rewards,
+                truncated=b.completions.truncated,
+            )
+            first_image += len(b.images)
+        buf.advantage[:] = torch.cat([b.advantages for b in batches]).cpu().numpy()
+        return buf
 
     def _micro_scale(self, seqs: int, tokens: int, total_seqs: int, total_tokens: int) -> float:
         """Factor making the sum of micro-batch losses the loss of the whole batch, for every loss type."""
