@@ -126,3 +126,27 @@ def test_clear_conditioning_cache_recomputes_the_negative_prompt(tiny):
             weight.copy_(saved)
         tiny.clear_conditioning_cache()
     assert torch.equal(tiny.negative_conditioning()[0], before[0])
+
+
+def test_files_and_bytes_caption_through_the_streaming_path(tiny, demo, tmp_path, monkeypatch):
+    """Paths and bytes stay encoded: one streaming decode+preprocess pass (`qwen_preprocess_bytes`), the same
+    captions as the decoded images give; a corrupt file is named."""
+    import uae_fast.models.captioner as captioner
+
+    paths = []
+    for i, image in enumerate(demo[:2]):
+        image.save(tmp_path / f"im{i}.png")
+        paths.append(tmp_path / f"im{i}.png")
+    calls = []
+    streaming = captioner.qwen_preprocess_bytes
+    monkeypatch.setattr(
+        captioner, "qwen_preprocess_bytes", lambda data, **kw: calls.append(len(data)) or streaming(data, **kw)
+    )
+    kwargs = {"num_generations": 3, "temperature": 1.0, "max_new_tokens": 6, "seed": 5}
+    from_files = tiny.caption(paths, **kwargs)
+    from_bytes = tiny.caption([p.read_bytes() for p in paths], **kwargs)
+    assert calls == [2, 2]
+    assert from_files == from_bytes == tiny.caption(demo[:2], **kwargs)
+    (tmp_path / "bad.png").write_bytes(paths[0].read_bytes()[:200])  # truncated
+    with pytest.raises(ImageLoadError, match="bad.png"):
+        tiny.caption([paths[0], tmp_path / "bad.png"], max_new_tokens=2)

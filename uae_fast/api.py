@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from .data.images import ImageSource, load_image
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, ImageLoadError
 from .models.captioner import DEFAULT_CAPTION_BATCH, Captioner
 from .models.components import (
     InferenceDefaults,
@@ -115,13 +115,25 @@ class UAE:
         captions). `seed` seeds a generator on the model's device; the global RNG is untouched. Images are paths,
         bytes or PIL images; bad ones raise ImageLoadError.
         """
-        pil = [load_image(im) for im in _as_list(images)]
         if num_generations < 1:
             raise ConfigError(f"num_generations must be >= 1, got {num_generations}")
+        images = _as_list(images)
+        encoded = _encoded(images)
+        if encoded is not None:
+            try:
+                return self._caption(encoded, num_generations, temperature, top_p, max_new_tokens, seed, prompt)
+            except ImageLoadError:  # the streaming decoder says "image <i>": load each file to name the bad one
+                for im in images:
+                    load_image(im)
+                raise
+        pil = [load_image(im) for im in images]
+        return self._caption(pil, num_generations, temperature, top_p, max_new_tokens, seed, prompt)
+
+    def _caption(self, images, num_generations, temperature, top_p, max_new_tokens, seed, prompt) -> list[str]:
         d = self.defaults
         generator = torch.Generator(self.device).manual_seed(seed)
         return self.captioner.caption(
-            pil,
+            images,
             num_generations,
             max_new_tokens=d.max_new_tokens if max_new_tokens is None else max_new_tokens,
             temperature=d.temperature if temperature is None else temperature,
@@ -292,6 +304,20 @@ def tensors_to_pil(images: torch.Tensor) -> list[Image.Image]:
     """[B, 3, H, W] floats in [0, 1] → RGB PIL images (rounded, not truncated)."""
     arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
+
+
+def _encoded(images: list) -> list[bytes] | None:
+    """The images as encoded files when every one is a path or bytes (the captioner then decodes and preprocesses
+    them in one streaming pass), else None."""
+    if not all(isinstance(im, (str, os.PathLike, bytes, bytearray)) for im in images):
+        return None
+    out = []
+    for im in images:
+        try:
+            out.append(bytes(im) if isinstance(im, (bytes, bytearray)) else Path(im).read_bytes())
+        except OSError as exc:
+            raise ImageLoadError(f"{im}: cannot be read ({exc.strerror or exc})") from None
+    return out
 
 
 def _as_list(x) -> list:

@@ -99,8 +99,6 @@ def _generate_kwargs(args) -> dict:
 
 def _check_common(args) -> None:
     """Validate numeric options and the preset before any output folder is made or model loaded."""
-    from .api import PRESETS
-
     for option in ("batch_size", "num_generations", "steps"):
         value = getattr(args, option, None)
         if value is not None and value < 1:
@@ -109,7 +107,11 @@ def _check_common(args) -> None:
     if size is not None and (size <= 0 or size % _VAE_FACTOR):
         raise ConfigError(f"--size must be a positive multiple of {_VAE_FACTOR} (the VAE factor), got {size}")
     preset = getattr(args, "preset", None)  # `bench score` loads no UAE
-    if args.command != "train" and preset is not None and preset not in PRESETS and not Path(preset).is_dir():
+    if args.command == "train" or preset is None:  # train: its config is validated without the heavy imports
+        return
+    from .api import PRESETS
+
+    if preset not in PRESETS and not Path(preset).is_dir():
         raise CheckpointError(f"--preset {preset}: not a preset ({', '.join(PRESETS)}) or a checkpoint folder")
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -63,3 +65,28 @@ def test_errors_are_one_line(args, message, capsys, tmp_path, monkeypatch):
     assert main(["train", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and err[-1].startswith("uae-fast: error:")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["max_steps=abc"],  # a wrong value
+        ["bogus=1"],  # an unknown key
+        ["--out", "{held}"],  # a folder that holds a run, without --resume/--overwrite
+    ],
+)
+def test_bad_config_is_refused_before_the_heavy_imports(args, tmp_path):
+    """The refusal comes before torch/transformers load (seconds): the config and the run folder are checked with
+    light modules only."""
+    held = tmp_path / "held"
+    (held / "checkpoint-3").mkdir(parents=True)
+    argv = ["train", "--preset", "tiny", "--out", str(tmp_path / "new")] + [a.format(held=held) for a in args]
+    code = (
+        "import sys; from uae_fast.cli import main; "
+        f"status = main({argv!r}); "
+        "heavy = sorted(m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules); "
+        "print(status, heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.stdout.strip() == "2 []", out.stdout + out.stderr
+    assert out.stderr.strip().startswith("uae-fast: error:") and len(out.stderr.strip().splitlines()) == 1

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.preprocess import qwen_preprocess
+from ..data.preprocess import qwen_preprocess, qwen_preprocess_bytes
 from ..errors import ConfigError
 from .encoder import CAPTION_PROMPT, caption_messages, special_token_ids_to_suppress
 
@@ -120,38 +120,44 @@ class Captioner:
 
     # ------------------------------------------------------------------ images
     @torch.no_grad()
-    def encode_images(self, images: Sequence[np.ndarray | Image.Image], *, prompt: str | None = None) -> ImageBatch:
+    def encode_images(
+        self, images: Sequence[np.ndarray | Image.Image] | Sequence[bytes], *, prompt: str | None = None
+    ) -> ImageBatch:
         """C++ preprocessing + one vision-tower pass per image. Equal to the processor's inputs (tested).
 
         Args:
-            images: decoded RGB images: uint8 arrays [H, W, 3] (e.g. from `uae_fast.data.decode`) or PIL images
-                (converted to RGB).
+            images: decoded RGB images — uint8 arrays [H, W, 3] (the trainer's, decoded once for the policy and the
+                reward) or PIL images (converted to RGB) — or encoded files (all `bytes`): those take the streaming
+                path (`qwen_preprocess_bytes`: each image resized right after it is decoded, while it is in cache;
+                nothing else needs their pixels).
             prompt: caption instruction (default: the captioner's).
         """
-        arrays = [_as_rgb_array(im, i) for i, im in enumerate(images)]
-        if not arrays:
+        if not images:
             raise ConfigError("encode_images needs at least one image")
         ip = self.processor.image_processor
-        inputs = qwen_preprocess(
-            arrays,
-            min_pixels=ip.size["shortest_edge"],
-            max_pixels=ip.size["longest_edge"],
-            patch_size=ip.patch_size,
-            merge_size=ip.merge_size,
-            temporal_patch_size=ip.temporal_patch_size,
-            image_mean=ip.image_mean,
-            image_std=ip.image_std,
-        )
+        options = {
+            "min_pixels": ip.size["shortest_edge"],
+            "max_pixels": ip.size["longest_edge"],
+            "patch_size": ip.patch_size,
+            "merge_size": ip.merge_size,
+            "temporal_patch_size": ip.temporal_patch_size,
+            "image_mean": ip.image_mean,
+            "image_std": ip.image_std,
+        }
+        if all(isinstance(im, (bytes, bytearray)) for im in images):
+            inputs = qwen_preprocess_bytes(list(images), **options)
+        else:
+            inputs = qwen_preprocess([_as_rgb_array(im, i) for i, im in enumerate(images)], **options)
         grid = inputs["image_grid_thw"].to(self.device)  # [B, 3]
         pixels = inputs["pixel_values"].to(self.device, self.encoder.dtype)  # [Σ patches, C*T*P*P]
         features, start = [], 0
-        for lo in range(0, len(arrays), self.batch_size):  # bounded vision-tower batches
+        for lo in range(0, len(images), self.batch_size):  # bounded vision-tower batches
             chunk = grid[lo : lo + self.batch_size]
             stop = start + int(chunk.prod(-1).sum())
             out = self.vl.get_image_features(pixels[start:stop], chunk, return_dict=True).pooler_output
             features += list(out)
             start = stop
-        self.images_encoded += len(arrays)
+        self.images_encoded += len(images)
         before, after = self.split_prompt(prompt)
         merge = ip.merge_size**2
         prompt_ids = [

@@ -41,6 +41,7 @@ def add_train_parser(sub) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from ..errors import ConfigError
     from . import load_train_config, shipped_configs, train
+    from .run_folder import prepare_run_folder
 
     if args.list_configs:
         for name, path in shipped_configs().items():
@@ -59,6 +60,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     config = load_train_config(args.config or PRESET_CONFIGS[args.preset], overrides)
     if not config.output_dir:
         raise ConfigError("no run folder: pass --out RUN_DIR (or output_dir=... in the config)")
+    # Before the libraries load (seconds): a folder holding a run is refused at once.
+    prepare_run_folder(config.output_dir, resume=config.resume, overwrite=config.overwrite, check_only=True)
     _quiet()
     run_dir = train(config)
     print(f"uae-fast: run folder {run_dir} (metrics.jsonl, checkpoints, final/, report/index.html)", file=sys.stderr)

@@ -12,12 +12,32 @@ from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError
 from ..io import ensure_output_dir
-from .state import CHECKPOINT_PREFIX, latest_checkpoint
 
-__all__ = ["RUN_FILES", "run_files_in", "prepare_run_folder"]
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "RUN_FILES",
+    "checkpoint_step",
+    "latest_checkpoint",
+    "run_files_in",
+    "prepare_run_folder",
+]
+
+CHECKPOINT_PREFIX = "checkpoint-"
 
 # What a training run writes into its folder (checkpoints are `checkpoint-<step>/`).
 RUN_FILES = ("config.yaml", "metrics.jsonl", "tensorboard", "final", "report", "skipped.json")
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a `checkpoint-<step>` folder, None for any other name."""
+    tail = path.name[len(CHECKPOINT_PREFIX) :] if path.name.startswith(CHECKPOINT_PREFIX) else ""
+    return int(tail) if tail.isdigit() else None
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint of the highest step in a run folder, or None."""
+    found = [p for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and checkpoint_step(p) is not None]
+    return max(found, key=checkpoint_step) if found else None
 
 
 def run_files_in(folder: Path) -> list[Path]:

@@ -18,12 +18,11 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, ConfigError
 from ..io import atomic_dir
+from .run_folder import CHECKPOINT_PREFIX, checkpoint_step
 
 __all__ = [
-    "CHECKPOINT_PREFIX",
     "save_checkpoint",
     "load_trainer_state",
-    "latest_checkpoint",
     "prune_checkpoints",
     "check_same_config",
     "restore_optimizer",
@@ -31,7 +30,6 @@ __all__ = [
     "restore_adapters",
 ]
 
-CHECKPOINT_PREFIX = "checkpoint-"
 _STATE_FILE = "trainer_state.json"
 _TENSORS_FILE = "optimizer.safetensors"
 # Config keys a resumed run may change: where and how long it runs, how it logs; never what it learns.
@@ -155,19 +153,9 @@ def _diff(a, b, prefix: str, ignore=frozenset()) -> list[str]:
     return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} in the checkpoint, {b!r} now"]
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint of the highest step in a run folder, or None."""
-    found = [p for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and _step_of(p) is not None]
-    return max(found, key=_step_of) if found else None
-
-
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
     """Delete all but the `keep` most recent checkpoints."""
-    found = sorted((p for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*") if _step_of(p) is not None), key=_step_of)
+    found = [p for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*") if checkpoint_step(p) is not None]
+    found.sort(key=checkpoint_step)
     for old in found[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _step_of(path: Path) -> int | None:
-    tail = path.name[len(CHECKPOINT_PREFIX) :]
-    return int(tail) if tail.isdigit() else None
