@@ -8,6 +8,23 @@ from .errors import CheckpointError, ConfigError, ImageLoadError, OutputError, U
 
 __version__ = "0.1.0"
 
+
+def _check_not_source_tree() -> None:
+    """Imported from a checkout's source folder (the current directory shadows the install), uae_fast has neither
+    its compiled `_C` nor `uae_fast.kernels` (installed from the repo's kernels/): say so in one line instead of a
+    ModuleNotFoundError deep inside training."""
+    import importlib.util
+
+    if importlib.util.find_spec(f"{__name__}.kernels") is None:
+        raise ImportError(
+            f"uae_fast is being imported from its source folder {__path__[0]}, which has no compiled extension and "
+            "no kernels: run from another directory, or install it in editable mode from the repo root: "
+            "pip install scikit-build-core pybind11 && pip install --no-build-isolation -e ."
+        )
+
+
+_check_not_source_tree()
+
 # The API pulls in torch, transformers and diffusers (seconds of imports); load it on first use so that
 # `uae-fast --help` and the error types stay instant.
 _LAZY = {"UAE": "api", "InferenceDefaults": "api", "Reconstruction": "api", "load": "api"}
