@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
 # Triton kernels run on CPU tensors only through the interpreter, which must be chosen before any @triton.jit
 # function is defined, i.e. before uae_fast.kernels is imported by a test module.
@@ -43,3 +46,41 @@ def demo():
     from uae_fast.data.demo import demo_images
 
     return [d.image for d in demo_images()]
+
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def _dom(html_file: Path, tmp_path: Path, fragment: str = "") -> str:
+    """The DOM of `html_file` after headless Chromium ran its scripts (`fragment`: a URL #fragment)."""
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.fail(
+            "chromium is not installed: the HTML report must be checked in a real browser (apt-get install -y chromium)"
+        )
+    profile = tmp_path / f"chromium-profile-{len(fragment)}"
+    profile.mkdir(exist_ok=True)
+    url = html_file.resolve().as_uri() + fragment
+    proc = subprocess.run(
+        [exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="session")
+def browser_dom():
+    """`browser_dom(html_file, tmp_path, fragment="")`: an HTML report as rendered by headless Chromium."""
+    return _dom

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from html.parser import HTMLParser
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,17 +11,6 @@ from PIL import Image
 
 from uae_fast.cli import main
 from uae_fast.data.demo import DEMO_IMAGE_NAMES
-
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 @pytest.fixture(scope="module")
@@ -45,25 +31,6 @@ def run(tmp_path_factory):
     strict = main([*args, str(root / "strict")])
     skipping = main([*args, str(root / "b"), "--skip-bad", "--max-new-tokens", "4", "--steps", "1"])
     return out, (strict, skipping), root
-
-
-def _dom(html_file: Path, tmp_path: Path, fragment: str = "") -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        pytest.fail(
-            "chromium is not installed: the HTML report must be checked in a real browser (apt-get install -y chromium)"
-        )
-    profile = tmp_path / f"chromium-profile-{len(fragment)}"
-    profile.mkdir()
-    url = html_file.resolve().as_uri() + fragment
-    proc = subprocess.run(
-        [exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", url],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout
 
 
 class _Table(HTMLParser):
@@ -138,10 +105,10 @@ def test_unreadable_input_fails_or_is_listed(run):
     assert skip["file"].endswith("broken.png") and "corrupt or truncated" in skip["reason"]
 
 
-def test_report_renders_in_chromium(run, tmp_path):
+def test_report_renders_in_chromium(run, tmp_path, browser_dom):
     out, _, _ = run
     res = json.loads((out / "unified_bench.json").read_text())
-    t = _parse(_dom(out / "unified_bench.html", tmp_path))
+    t = _parse(browser_dom(out / "unified_bench.html", tmp_path))
     assert len(t.rows) == 4
     # The inline script ran: the table is sorted by mean score, ascending.
     assert t.table_attrs.get("data-sorted-by") == "mean" and t.table_attrs.get("data-sort-dir") == "asc"
@@ -151,9 +118,9 @@ def test_report_renders_in_chromium(run, tmp_path):
     assert len(t.svgs["hist-scores"]) == 10 and {f"hist-{m}" for m in res["model_types"]} <= set(t.svgs)
 
 
-def test_report_sorts_by_column_from_url(run, tmp_path):
+def test_report_sorts_by_column_from_url(run, tmp_path, browser_dom):
     out, _, _ = run
-    t = _parse(_dom(out / "unified_bench.html", tmp_path, "#sort=clip:desc"))
+    t = _parse(browser_dom(out / "unified_bench.html", tmp_path, "#sort=clip:desc"))
     assert t.table_attrs.get("data-sorted-by") == "clip" and t.table_attrs.get("data-sort-dir") == "desc"
     clip = [float(r[5]) for r in t.rows]  # columns: index, source, recon, caption, words, clip, ...
     assert clip == sorted(clip, reverse=True)

@@ -10,6 +10,7 @@ import pytest
 
 import uae_fast
 from uae_fast.cli import main
+from uae_fast.train.report import line_chart_svg
 
 SMALL = ["max_steps=2", "batch_size=8", "num_generations=4", "decoder.steps=2", "report_images=2"]
 
@@ -90,3 +91,31 @@ def test_bad_config_is_refused_before_the_heavy_imports(args, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert out.stdout.strip() == "2 []", out.stdout + out.stderr
     assert out.stderr.strip().startswith("uae-fast: error:") and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_report_has_curves_settings_and_the_tiny_note(run_dir, tmp_path, browser_dom):
+    """The run report, rendered in headless Chromium: one curve per logged step in each chart (reward with its
+    ± std band, caption length vs the reference, KL, entropy), the key settings, the random-tiny-preset note."""
+    dom = browser_dom(run_dir / "report" / "index.html", tmp_path)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert 'id="tiny-note"' in dom and "random-weight tiny preset" in dom
+    settings = dom[dom.index('id="settings"') : dom.index("</table>", dom.index('id="settings"'))]
+    assert "<th>learning_rate</th><td>0.002</td>" in settings and "<th>num_generations</th><td>4</td>" in settings
+    for chart in ("curve-0", "curve-1", "curve-2", "curve-3"):
+        assert f'id="{chart}"' in dom
+    reward = dom[dom.index('id="curve-0"') : dom.index("</svg>", dom.index('id="curve-0"'))]
+    line = reward[reward.index('class="line"') :]
+    path = line[line.index(' d="M') + 4 : line.index('"', line.index(' d="M') + 4)]
+    assert path.count("L") == len(rows) - 1  # one vertex per logged step
+    assert 'class="band"' in reward  # reward ± within-group std
+    assert "not logged" in dom[dom.index('id="curve-2"') :]  # beta = 0: no KL in this run
+
+
+def test_line_chart_scales_points_into_the_frame():
+    svg = line_chart_svg([("a", [(1, 0.0), (2, 1.0), (3, float("nan")), (4, 0.5)])], title="t", element_id="c")
+    path = svg[svg.index(' d="M', svg.index('class="line"')) + 4 :].split('"')[0]
+    points = [tuple(map(float, p.split(","))) for p in path[1:].split("L")]
+    assert len(points) == 3  # the NaN point is left out
+    (x0, y0), (x1, y1), (x3, y3) = points
+    assert x0 < x1 < x3 and y0 > y3 > y1  # larger values higher up (SVG y grows downwards)
+    assert y0 - y3 == pytest.approx(y3 - y1)  # 0.5 sits halfway between 0 and 1
