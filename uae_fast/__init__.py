@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 
 from .errors import CheckpointError, ConfigError, ImageLoadError, OutputError, UAEError
+from .lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -44,15 +45,10 @@ __all__ = [
 ]
 
 
+_lazy_getattr, __dir__ = lazy_exports(__name__, _LAZY)
+
+
 def __getattr__(name: str):
     if name == "train":  # the training package is callable: uae_fast.train(config)
         return importlib.import_module(".train", __name__)
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return _lazy_getattr(name)

@@ -7,7 +7,7 @@ Names load on first use: most of this package pulls in torch and transformers, b
 
 from __future__ import annotations
 
-import importlib
+from uae_fast.lazy import lazy_exports
 
 _LAZY = {
     "BACKBONE_LOADERS": "backbones",
@@ -26,15 +26,4 @@ _LAZY = {
     "tiny_backbone_paths": "tiny",
 }
 __all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -6,10 +6,11 @@
 
 from __future__ import annotations
 
-import importlib
 import sys
 import types
 from pathlib import Path
+
+from ..lazy import lazy_exports
 
 __all__ = [
     "DataConfig",
@@ -50,12 +51,7 @@ def train(config=None, overrides: list[str] | tuple = ()) -> Path:
     return trainers[config.stage](config).train()
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 class _CallableModule(types.ModuleType):
