@@ -192,7 +192,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
     """Escape newlines and tabs (JSON-style) so stdout stays one `name<TAB>caption` line per caption."""
     return json.dumps(text, ensure_ascii=False)[1:-1]
 
@@ -233,7 +233,7 @@ def cmd_caption(args) -> None:
             for i, item in enumerate(batch):
                 for k in range(g):
                     rows.append({"name": item.name, "source": item.path, "generation": k, "caption": caps[i * g + k]})
-                    bar.write(f"{item.name}\t{_one_line(caps[i * g + k])}", file=sys.stdout)
+                    bar.write(f"{item.name}\t{one_line(caps[i * g + k])}", file=sys.stdout)
             bar.update(len(batch))
     _report_skipped(out, skipped)
     _require_some(rows, skipped)

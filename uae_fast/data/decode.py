@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from uae_fast.data.images import DEFAULT_MAX_IMAGE_PIXELS, _check_geometry, _one_line, load_image
+from uae_fast.data.images import DEFAULT_MAX_IMAGE_PIXELS, check_geometry, load_image, one_line
 from uae_fast.errors import ImageLoadError
 
 __all__ = ["BACKENDS", "ImageDecoder", "available_backends", "decode_images"]
@@ -103,8 +103,8 @@ def _probe(data: bytes, label: str, max_pixels: int) -> _Header:
         try:
             height, width, colorspace, _ = sj.decode_jpeg_header(data)
         except ValueError as exc:
-            raise ImageLoadError(f"{label}: corrupt or truncated image data ({_one_line(exc)})") from None
-        _check_geometry(label, width, height, max_pixels)
+            raise ImageLoadError(f"{label}: corrupt or truncated image data ({one_line(exc)})") from None
+        check_geometry(label, width, height, max_pixels)
         orient = _orientation(data)
         if orient >= 5:  # orientations 5-8 swap the axes
             height, width = width, height
@@ -116,8 +116,8 @@ def _probe(data: bytes, label: str, max_pixels: int) -> _Header:
     except UnidentifiedImageError:
         raise ImageLoadError(f"{label}: not an image (unrecognised format)") from None
     except Exception as exc:
-        raise ImageLoadError(f"{label}: corrupt or truncated image data ({_one_line(exc)})") from None
-    _check_geometry(label, width, height, max_pixels)
+        raise ImageLoadError(f"{label}: corrupt or truncated image data ({one_line(exc)})") from None
+    check_geometry(label, width, height, max_pixels)
     orient = orient if orient in range(1, 9) else 1
     if orient >= 5:
         height, width = width, height
@@ -318,7 +318,7 @@ class ImageDecoder:
             try:
                 arr = sj.decode_jpeg(data, colorspace="RGB", strict=True, **kwargs)
             except ValueError as exc:
-                raise ImageLoadError(f"{label}: corrupt or truncated image data ({_one_line(exc)})") from None
+                raise ImageLoadError(f"{label}: corrupt or truncated image data ({one_line(exc)})") from None
             return _apply_orientation(arr, head.orientation) if head.orientation != 1 else arr
         img = load_image(data, max_pixels=self.max_pixels, name=label)
         return np.asarray(img)
@@ -352,7 +352,7 @@ class ImageDecoder:
             self._pipe = None
             heads = [_probe(b, f"image {i}", self.max_pixels) for b, i in zip(blobs, indices)]
             results = [self._decode_cpu(b, h, i, None) for b, h, i in zip(blobs, heads, indices)]
-            warnings.warn(f"DALI failed on a batch that decodes on the CPU ({_one_line(exc)[:200]})", stacklevel=3)
+            warnings.warn(f"DALI failed on a batch that decodes on the CPU ({one_line(exc)[:200]})", stacklevel=3)
             return results
 
     def close(self) -> None:

@@ -31,6 +31,8 @@ __all__ = [
     "list_image_files",
     "load_image",
     "load_images",
+    "check_geometry",
+    "one_line",
 ]
 
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
@@ -98,7 +100,7 @@ def _too_large(label: str, max_pixels: int, pixels: int | None, size: str = "") 
     )
 
 
-def _check_geometry(label: str, width: int, height: int, max_pixels: int) -> None:
+def check_geometry(label: str, width: int, height: int, max_pixels: int) -> None:
     """Reject sizes from the header, before any pixel data is decoded."""
     if width < 1 or height < 1:
         raise ImageLoadError(f"{label}: image has an empty size ({width}x{height})")
@@ -148,13 +150,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _decode(img: Image.Image, label: str, max_pixels: int) -> Image.Image:
-    _check_geometry(label, img.width, img.height, max_pixels)
+    check_geometry(label, img.width, img.height, max_pixels)
     try:
         img.load()
     except Image.DecompressionBombError as exc:  # e.g. a GIF frame larger than its header said
         raise _too_large(label, max_pixels, _bomb_pixels(exc)) from None
     except Exception as exc:  # decoders raise OSError, SyntaxError, ValueError, struct.error, zlib.error, ...
-        raise ImageLoadError(f"{label}: corrupt or truncated image data ({_one_line(exc)})") from None
+        raise ImageLoadError(f"{label}: corrupt or truncated image data ({one_line(exc)})") from None
     try:
         if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # skip exif_transpose's copy when upright
             img = ImageOps.exif_transpose(img)
@@ -163,10 +165,11 @@ def _decode(img: Image.Image, label: str, max_pixels: int) -> Image.Image:
     try:
         return _to_rgb(img)
     except (ValueError, OSError) as exc:
-        raise ImageLoadError(f"{label}: cannot convert image mode {img.mode} to RGB ({_one_line(exc)})") from None
+        raise ImageLoadError(f"{label}: cannot convert image mode {img.mode} to RGB ({one_line(exc)})") from None
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: its type and whitespace-collapsed message (for one-line errors and logs)."""
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
@@ -185,7 +188,7 @@ def _open_and_decode(fp: BinaryIO, label: str, max_pixels: int) -> Image.Image:
     except Image.DecompressionBombError as exc:  # raised by Image.open from the header size alone
         raise _too_large(label, max_pixels, _bomb_pixels(exc)) from None
     except Exception as exc:  # a recognised header whose body is broken (e.g. a truncated WebP)
-        raise ImageLoadError(f"{label}: corrupt or truncated image data ({_one_line(exc)})") from None
+        raise ImageLoadError(f"{label}: corrupt or truncated image data ({one_line(exc)})") from None
     with img:
         return _decode(img, label, max_pixels)
 
@@ -230,7 +233,7 @@ def load_image(
                     raise ImageLoadError(f"{label}: empty file (0 bytes)")
                 return _open_and_decode(fp, label, max_pixels)
         except OSError as exc:  # permission denied, I/O error: ImageLoadError is not an OSError, so it passes
-            raise ImageLoadError(f"{label}: cannot read file ({exc.strerror or _one_line(exc)})") from None
+            raise ImageLoadError(f"{label}: cannot read file ({exc.strerror or one_line(exc)})") from None
 
 
 def load_images(

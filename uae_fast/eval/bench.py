@@ -253,7 +253,7 @@ def score_folders(
             loaded.append(images)
         if batch:
             cos, valid = score_images(reward, [a for a, _ in loaded], [b for _, b in loaded])
-            _assign(reward.names, batch, cos, valid, skipped)
+            assign_scores(reward.names, batch, cos, valid, skipped)
             scored += batch
         if progress is not None:
             progress(len(pairs[start : start + batch_size]))
@@ -261,7 +261,8 @@ def score_folders(
     return build_results(reward.names, scored, skipped, extra)
 
 
-def _assign(names: Sequence[str], pairs: Sequence[Pair], cos: torch.Tensor, valid: torch.Tensor, skipped: list):
+def assign_scores(names: Sequence[str], pairs: Sequence[Pair], cos: torch.Tensor, valid: torch.Tensor, skipped: list):
+    """Store each pair's per-backbone cosines [P, K] in `pair.scores` (None and a `skipped` entry when invalid)."""
     cos, valid = cos.cpu().tolist(), valid.cpu().tolist()
     for pair, row, ok in zip(pairs, cos, valid):
         if ok and all(math.isfinite(v) for v in row):

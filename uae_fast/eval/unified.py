@@ -16,7 +16,7 @@ from pathlib import Path
 from ..data.images import LoadedImage
 from ..errors import ConfigError
 from ..io import ensure_output_dir, save_image_atomic
-from .bench import Pair, _assign, build_results, score_images, write_results
+from .bench import Pair, assign_scores, build_results, score_images, write_results
 
 __all__ = ["run_unified", "REPORT_THUMBNAIL"]
 
@@ -91,7 +91,7 @@ def run_unified(
                     caption=caption,
                 )
             )
-        _assign(reward.names, batch_pairs, cos, valid, skipped)
+        assign_scores(reward.names, batch_pairs, cos, valid, skipped)
         pairs += batch_pairs
         if progress is not None:
             progress(len(batch))

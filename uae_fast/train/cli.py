@@ -70,8 +70,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 def _quiet() -> None:
     import warnings
 
-    from ..cli import quiet_libraries as _quiet_libraries
+    from ..cli import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     # PEFT still calls a transformers method deprecated in 5.x; the warning says nothing the user can act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
