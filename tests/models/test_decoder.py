@@ -86,7 +86,8 @@ def test_image_of_a_caption_does_not_depend_on_its_batch(tiny):
     long = "a close-up photograph of a brown horse near the water with a green tree and a white cloud in the sky"
     alone = tiny.generate_tensors([short], steps=3, guidance=4.0, size=64, seed=[5])
     batched = tiny.generate_tensors([short, long], steps=3, guidance=4.0, size=64, seed=[5, 6])
-    torch.testing.assert_close(batched[:1], alone, atol=1e-5, rtol=0)
+    # fp32 GEMMs of another batch size round differently (seen: 1.0e-5 on a loaded machine); a padding leak is >1e-3
+    torch.testing.assert_close(batched[:1], alone, atol=5e-5, rtol=0)
 
 
 def test_without_the_mask_padding_would_change_the_image(tiny):
