@@ -3,6 +3,9 @@
 Same seed twice — once as is, once with the advantages negated. σ₀ = within-group reward std at step 0, Δ = mean
 reward of the last 5 steps − the first 5. Pass: Δ(+) ≥ 1.5σ₀ and Δ(+) − Δ(−) ≥ 3σ₀. A rising reward alone would
 prove nothing (a collapsing policy can lift a low reward too); the negated run must do clearly worse.
+
+Seeds: the config was chosen on seeds 0–9 and 5, 6, 1000, 1001 (scale_rewards=batch); evaluated once on the fresh
+seeds 3000–3009 (8/10 pass, table in the README); the CI seeds 4000 and 4001 were fixed before they were run.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def one_thread():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [4000, 4001])
 def test_reward_rises_with_advantages_and_not_against_them(tmp_path, seed, one_thread):
     plus, sigma0 = _rewards(tmp_path / "plus", seed, negate=False)
     minus, _ = _rewards(tmp_path / "minus", seed, negate=True)
