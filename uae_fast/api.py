@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -263,7 +264,9 @@ class UAE:
     def save_pretrained(self, path: str | Path) -> Path:
         """Write the released layout (llm/, SD3/, dit/, and llm_lora/ / dit_lora/ when adapters exist), plus
         `uae_fast.json` holding this model's :class:`InferenceDefaults` (restored by :func:`load`)."""
-        return save_components(self.components, path, inference_defaults=self.defaults)
+        # The decoder owns the transformer: training may have wrapped it with LoRA adapters since load.
+        components = dataclasses.replace(self.components, transformer=self.decoder.transformer)
+        return save_components(components, path, inference_defaults=self.defaults)
 
 
 def load(

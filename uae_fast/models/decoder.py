@@ -12,6 +12,7 @@ takes a text padding mask, so captions of different lengths batch together witho
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 
 from .attention import use_masked_joint_attention
 
-__all__ = ["TextEncoders", "UAEDecoder", "clip_pooled_embeds", "pad_and_stack"]
+__all__ = ["TextEncoders", "UAEDecoder", "clip_pooled_embeds", "ode_step", "pad_and_stack"]
 
 
 @dataclass
@@ -55,6 +56,12 @@ def pad_and_stack(embeds: list[torch.Tensor], masks: list[torch.Tensor]) -> tupl
         out_e.append(nn.functional.pad(e, (0, 0, 0, pad)))
         out_m.append(nn.functional.pad(m.bool(), (0, pad), value=False))
     return torch.cat(out_e), torch.cat(out_m)
+
+
+def ode_step(latents: torch.Tensor, velocity: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
+    """The deterministic Euler step x + (σ' − σ)·v, in fp32: the latent update is the one place where bf16 rounding
+    would accumulate over steps. Returns the latents in their input dtype."""
+    return (latents.float() + (sigma_next - sigma) * velocity.float()).to(latents.dtype)
 
 
 class UAEDecoder(nn.Module):
@@ -147,6 +154,78 @@ class UAEDecoder(nn.Module):
         self.scheduler.set_timesteps(steps, device="cpu")
         return self.scheduler.sigmas.to(torch.float32)
 
+    # ------------------------------------------------------------------ LoRA adapters (stage 2b)
+    @property
+    def lora_model(self):
+        """The PEFT model wrapping the transformer when it carries adapters (a checkpoint's `dit_lora/`, or ones
+        attached for training), else None. Its `disable_adapter()` context gives the base DiT."""
+        model = self.transformer
+        return model if hasattr(model, "peft_config") and hasattr(model, "disable_adapter") else None
+
+    def attach_lora(self, config):
+        """Wrap the transformer with new LoRA adapters (a `peft.LoraConfig`; targets relative to the DiT).
+
+        Returns the `PeftModel`, now `self.transformer`. Raises ConfigError if adapters are already attached.
+        """
+        from peft import get_peft_model
+
+        from ..errors import ConfigError
+
+        if self.lora_model is not None:
+            raise ConfigError("the DiT already carries LoRA adapters; attach_lora adds the first set only")
+        self.transformer = get_peft_model(self.transformer, config)
+        return self.transformer
+
+    def adapters_disabled(self):
+        """Context in which the DiT is its base model (the stage-2b reference policy)."""
+        peft = self.lora_model
+        return peft.disable_adapter() if peft is not None else contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ the velocity field and sampling
+    def velocity(self, latents, sigma, prompt_embeds, prompt_mask, pooled) -> torch.Tensor:
+        """One transformer forward: the predicted velocity [B, C, h, w] at noise level `sigma` (a float32 scalar).
+
+        A padding mask is passed only when some caption is padded (the unmasked path is the stock attention).
+        """
+        t = (sigma * self.scheduler.config.num_train_timesteps).to(self.device)  # fp32, as diffusers passes it
+        kwargs = {"attention_mask": prompt_mask} if not bool(prompt_mask.all()) else None
+        return self.transformer(
+            hidden_states=latents.to(self.dtype),
+            timestep=t.expand(latents.shape[0]),
+            encoder_hidden_states=prompt_embeds.to(self.dtype),
+            pooled_projections=pooled.to(self.dtype),
+            joint_attention_kwargs=kwargs,
+            return_dict=False,
+        )[0]
+
+    def guided_velocity(self, latents, sigma, cond: tuple, *, guidance: float, negative: tuple | None = None):
+        """Classifier-free guided velocity `uncond + guidance · (cond − uncond)`; guidance <= 1 is the plain
+        conditional velocity.
+
+        Without autograd (sampling, rollouts) both branches run as one batch. Under autograd (the stage-2b update)
+        the negative branch runs without grad: it is never kept for backward, which halves the activations held.
+
+        Args:
+            cond: (prompt_embeds [B, L, D], mask [B, L] bool, pooled [B, P]).
+            negative: the negative prompt's (embeds [1, Ln, D], mask [1, Ln], pooled [1, P]); needed if guidance > 1.
+        """
+        if guidance <= 1.0:
+            return self.velocity(latents, sigma, *cond)
+        if negative is None:
+            raise ValueError("guidance > 1 needs the negative prompt conditioning")
+        batch = latents.shape[0]
+        neg_e, neg_m, neg_p = negative
+        neg = (neg_e.expand(batch, -1, -1), neg_m.expand(batch, -1), neg_p.expand(batch, -1))
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                uncond = self.velocity(latents, sigma, *neg)
+            cond_v = self.velocity(latents, sigma, *cond)
+        else:
+            embeds, mask = pad_and_stack([neg[0], cond[0]], [neg[1], cond[1]])
+            pooled = torch.cat([neg[2], cond[2]])
+            uncond, cond_v = self.velocity(torch.cat([latents, latents]), sigma, embeds, mask, pooled).chunk(2)
+        return uncond + guidance * (cond_v - uncond)
+
     @torch.no_grad()
     def sample(
         self,
@@ -168,36 +247,12 @@ class UAEDecoder(nn.Module):
         Returns:
             Images [B, 3, H, W] in [0, 1], float32.
         """
-        batch = prompt_embeds.shape[0]
-        cfg = guidance > 1.0
-        if cfg:
-            if negative is None:
-                raise ValueError("guidance > 1 needs the negative prompt conditioning")
-            neg_e, neg_m, neg_p = negative
-            prompt_embeds, prompt_mask = pad_and_stack(
-                [neg_e.expand(batch, -1, -1), prompt_embeds], [neg_m.expand(batch, -1), prompt_mask]
-            )
-            pooled = torch.cat([neg_p.expand(batch, -1), pooled])
-        kwargs = {"attention_mask": prompt_mask} if not bool(prompt_mask.all()) else None
+        cond = (prompt_embeds, prompt_mask, pooled)
         latents = noise.to(self.dtype)
         sigmas = self.sigmas(steps)
-        timesteps = sigmas * self.scheduler.config.num_train_timesteps
         for i in range(steps):
-            model_in = torch.cat([latents, latents]) if cfg else latents
-            t = timesteps[i].to(self.device).expand(model_in.shape[0])  # fp32, as the diffusers pipeline passes it
-            velocity = self.transformer(
-                hidden_states=model_in,
-                timestep=t,
-                encoder_hidden_states=prompt_embeds.to(self.dtype),
-                pooled_projections=pooled.to(self.dtype),
-                joint_attention_kwargs=kwargs,
-                return_dict=False,
-            )[0]
-            if cfg:
-                uncond, cond = velocity.chunk(2)
-                velocity = uncond + guidance * (cond - uncond)
-            # Euler step in fp32: the latent update is the one place where bf16 rounding accumulates over steps.
-            latents = (latents.float() + (sigmas[i + 1] - sigmas[i]) * velocity.float()).to(self.dtype)
+            velocity = self.guided_velocity(latents, sigmas[i], cond, guidance=guidance, negative=negative)
+            latents = ode_step(latents, velocity, sigmas[i], sigmas[i + 1])
         return self.decode_latents(latents)
 
     @torch.no_grad()
