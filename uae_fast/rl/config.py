@@ -59,3 +59,8 @@ class GRPOLossConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+
+# Stage 2b (Flow-GRPO on the decoder): the Gaussian transitions `uae_fast.rl.flow_grpo` can make of an Euler step.
+SDE_TYPES = ("sde", "cps")
+__all__ += ["SDE_TYPES"]
