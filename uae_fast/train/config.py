@@ -15,7 +15,7 @@ from ..config import apply_overrides, from_dict, load_yaml, to_dict
 from ..data.images import DEFAULT_MAX_IMAGE_PIXELS
 from ..errors import ConfigError
 from ..rewards.config import RewardConfig
-from ..rl.config import GRPOLossConfig
+from ..rl.config import SCALE_REWARDS, SDE_TYPES, GRPOLossConfig
 
 __all__ = [
     "STAGES",
@@ -23,12 +23,14 @@ __all__ = [
     "DecoderConfig",
     "LoraSettings",
     "TrainConfig",
+    "U4GSettings",
+    "UnifiedSettings",
     "load_train_config",
     "config_dir",
     "shipped_configs",
 ]
 
-STAGES = ("g4u",)
+STAGES = ("g4u", "u4g", "unified")
 SCHEDULERS = ("constant", "linear", "cosine")
 DECODERS = ("auto", "dali", "dali-cpu", "dali-mixed", "cpu")
 
@@ -110,6 +112,141 @@ class LoraSettings:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
 
 
+# The DiT's attention projections (image stream and caption stream): Flow-GRPO's LoRA targets for SD3.
+DIT_ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+CAPTION_MODES = ("greedy", "sample")
+UNIFIED_SCHEDULES = ("sequential", "alternate")
+
+
+@dataclass
+class U4GSettings:
+    """Stage 2b, "understanding for generation": Flow-GRPO on the decoder (flow_grpo's names and SD3 defaults).
+
+    The rendering itself (size, CFG scale, conditioning mode, forward batch) is the `decoder` section's.
+    """
+
+    num_generations: int = field(default=8, metadata={"help": "images rendered per caption, from different noise (G)"})
+    batch_size: int = field(default=16, metadata={"help": "images rendered per step (captions x num_generations)"})
+    captions: str = field(
+        default="greedy",
+        metadata={"help": "how the frozen captioner captions a training image: 'greedy' (cached for the run) or "
+                  "'sample' (temperature/top_p/max_completion_length of the top level; new each epoch)"},
+    )  # fmt: skip
+    num_steps: int = field(default=10, metadata={"help": "denoising steps of a training rollout"})
+    eval_num_steps: int = field(default=40, metadata={"help": "denoising steps of the report's renders"})
+    noise_level: float = field(default=0.7, metadata={"help": "SDE noise scale a (sde: σ_t = a·sqrt(σ/(1−σ)))"})
+    sde_type: str = field(default="sde", metadata={"help": f"the stochastic sampler, one of {SDE_TYPES}"})
+    sde_window_size: int = field(
+        default=0, metadata={"help": "Flow-GRPO-Fast: SDE (and training) on this many consecutive steps only, ODE "
+                             "elsewhere; 0: every step"}
+    )  # fmt: skip
+    sde_window_range: list[int] | None = field(
+        default=None, metadata={"help": "[lo, hi): the window starts at a random step in lo..hi-size (default all)"}
+    )
+    timestep_fraction: float = field(default=1.0, metadata={"help": "fraction of the SDE steps trained on"})
+    clip_range: float = field(default=1e-4, metadata={"help": "PPO clip range of the per-step ratio"})
+    adv_clip_max: float = field(default=5.0, metadata={"help": "advantages are clipped to ±adv_clip_max"})
+    beta: float = field(default=0.04, metadata={"help": "KL coefficient (closed-form Gaussian KL); 0 skips the ref"})
+    scale_rewards: str = field(default="group", metadata={"help": f"advantage scaling, one of {SCALE_REWARDS}"})
+    learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate of the DiT LoRA"})
+    num_updates: int = field(
+        default=1, metadata={"help": "optimizer steps per rollout batch (the batch split into that many parts)"}
+    )
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    lora_targets: list[str] = field(
+        default_factory=lambda: list(DIT_ATTENTION_PROJECTIONS),
+        metadata={"help": "DiT module names (suffixes) carrying LoRA"},
+    )
+
+    def __post_init__(self):
+        lo, hi = self.window_range
+        checks = [
+            (self.num_generations >= 2, f"u4g.num_generations must be >= 2, got {self.num_generations}"),
+            (
+                self.batch_size >= 1 and self.batch_size % self.num_generations == 0,
+                f"u4g.batch_size ({self.batch_size} images per step) must be a positive multiple of "
+                f"u4g.num_generations ({self.num_generations})",
+            ),
+            (self.captions in CAPTION_MODES, f"u4g.captions must be one of {CAPTION_MODES}, got {self.captions!r}"),
+            (self.num_steps >= 2, f"u4g.num_steps must be >= 2, got {self.num_steps}"),
+            (self.eval_num_steps >= 1, f"u4g.eval_num_steps must be >= 1, got {self.eval_num_steps}"),
+            (self.sde_type in SDE_TYPES, f"u4g.sde_type must be one of {SDE_TYPES}, got {self.sde_type!r}"),
+            (
+                self.noise_level > 0 and (self.sde_type != "cps" or self.noise_level <= 1),
+                f"u4g.noise_level must be > 0 (and <= 1 for cps), got {self.noise_level}",
+            ),
+            (
+                0 <= lo < hi <= self.num_steps,
+                f"u4g.sde_window_range must be [lo, hi) with 0 <= lo < hi <= num_steps ({self.num_steps}), "
+                f"got {self.sde_window_range}",
+            ),
+            (
+                0 <= self.sde_window_size <= hi - lo,
+                f"u4g.sde_window_size must be in 0..{hi - lo} (the window range's length), got {self.sde_window_size}",
+            ),
+            (0 < self.timestep_fraction <= 1, f"u4g.timestep_fraction must be in (0, 1], got {self.timestep_fraction}"),
+            (self.clip_range > 0, f"u4g.clip_range must be > 0, got {self.clip_range}"),
+            (self.adv_clip_max > 0, f"u4g.adv_clip_max must be > 0, got {self.adv_clip_max}"),
+            (self.beta >= 0, f"u4g.beta must be >= 0, got {self.beta}"),
+            (
+                self.scale_rewards in SCALE_REWARDS,
+                f"u4g.scale_rewards must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}",
+            ),
+            (self.learning_rate > 0, f"u4g.learning_rate must be > 0, got {self.learning_rate}"),
+            (
+                1 <= self.num_updates <= self.batch_size // self.num_generations,
+                f"u4g.num_updates must be in 1..{self.batch_size // self.num_generations} (captions per step), "
+                f"got {self.num_updates}",
+            ),
+            (not self.lora.train_embeddings, "u4g.lora.train_embeddings: the DiT has no token embeddings"),
+            (bool(self.lora_targets), "u4g.lora_targets is empty: name the DiT modules to adapt"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @property
+    def window_range(self) -> tuple[int, int]:
+        if self.sde_window_range is None:
+            return 0, self.num_steps
+        if len(self.sde_window_range) != 2:
+            raise ConfigError(f"u4g.sde_window_range must be [lo, hi], got {self.sde_window_range}")
+        return int(self.sde_window_range[0]), int(self.sde_window_range[1])
+
+    @property
+    def captions_per_step(self) -> int:
+        return self.batch_size // self.num_generations
+
+
+@dataclass
+class UnifiedSettings:
+    """Unified-GRPO: stage 2a (the top-level settings) and stage 2b (`u4g`) on one UAE."""
+
+    schedule: str = field(
+        default="sequential",
+        metadata={"help": f"one of {UNIFIED_SCHEDULES}: 2a for g4u_steps then 2b; or alternating blocks"},
+    )
+    g4u_steps: int | None = field(
+        default=None, metadata={"help": "sequential: steps of stage 2a before stage 2b (default max_steps // 2)"}
+    )
+    alternate_every: int = field(default=1, metadata={"help": "alternate: steps per block (2a first)"})
+
+    def __post_init__(self):
+        if self.schedule not in UNIFIED_SCHEDULES:
+            raise ConfigError(f"unified.schedule must be one of {UNIFIED_SCHEDULES}, got {self.schedule!r}")
+        if self.g4u_steps is not None and self.g4u_steps < 0:
+            raise ConfigError(f"unified.g4u_steps must be >= 0, got {self.g4u_steps}")
+        if self.alternate_every < 1:
+            raise ConfigError(f"unified.alternate_every must be >= 1, got {self.alternate_every}")
+
+    def stage_at(self, step: int, max_steps: int) -> str:
+        """The stage ("g4u" or "u4g") that trains at step `step` (0-based) of a `max_steps` run."""
+        if self.schedule == "sequential":
+            first = max_steps // 2 if self.g4u_steps is None else self.g4u_steps
+            return "g4u" if step < first else "u4g"
+        return "g4u" if (step // self.alternate_every) % 2 == 0 else "u4g"
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs; `uae-fast train --preset tiny key=value ...` builds one."""
@@ -133,6 +270,8 @@ class TrainConfig:
     # update
     lora: LoraSettings = field(default_factory=LoraSettings)
     loss: GRPOLossConfig = field(default_factory=GRPOLossConfig)
+    u4g: U4GSettings = field(default_factory=U4GSettings, metadata={"help": "stage 2b (Flow-GRPO on the decoder)"})
+    unified: UnifiedSettings = field(default_factory=UnifiedSettings, metadata={"help": "the Unified-GRPO schedule"})
     num_iterations: int = field(
         default=1, metadata={"help": "optimizer steps per rollout batch (old log-probs if > 1)"}
     )
@@ -193,6 +332,8 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if self.stage == "unified" and (self.unified.g4u_steps or 0) > self.max_steps:
+            raise ConfigError(f"unified.g4u_steps ({self.unified.g4u_steps}) is more than max_steps ({self.max_steps})")
         if self.reward is None:
             if self.model != "tiny":
                 raise ConfigError(

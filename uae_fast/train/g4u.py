@@ -76,7 +76,11 @@ class G4UTrainer(StageTrainer):
         self.reward = ReconstructionReward.from_config(cfg.reward, device=self.device)
         self.dataset = ImageDataset(cfg.data, seed=cfg.seed)
         self.buffer = RolloutBuffer()
-        self.build_optimizer(self.policy.trainable_parameters())
+        self.build_optimizer(
+            self.policy.trainable_parameters(),
+            learning_rate=cfg.learning_rate,
+            updates=cfg.max_steps * cfg.num_iterations,
+        )
 
     def adapters(self) -> dict:
         return {"llm_lora": self.policy.peft_model}

@@ -1,8 +1,10 @@
 """The run loop every stage shares: run folder, resume, steps, logging, checkpoints, the final outputs.
 
 A stage's trainer subclasses :class:`StageTrainer` and says only what is its own: how it is built (setting
-`config`, `device`, `optimizer`, `scheduler`, `dataset`), what one step does (:meth:`train_step`), which adapters it
-trains (:meth:`adapters`, saved in the released layout) and what it writes at the end (:meth:`finish`).
+`config`, `device`, `dataset` and, with :meth:`build_optimizer`, `optimizer` and `scheduler`), what one step does
+(:meth:`train_step`), which adapters it trains (:meth:`adapters`, saved in the released layout, and
+:meth:`optimizers`, their optimizers), any extra state a resume needs (:meth:`extra_state`) and what it writes at
+the end (:meth:`finish`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from .state import (
     load_trainer_state,
     prune_checkpoints,
     restore_adapters,
-    restore_optimizer,
+    restore_optimizers,
     restore_rng,
     save_checkpoint,
 )
@@ -49,47 +51,54 @@ class StageTrainer:
         """Folder name in the released layout (`llm_lora`, `dit_lora`) → the PEFT model trained under it."""
         raise NotImplementedError
 
+    def optimizers(self) -> dict:
+        """Adapter folder name → the (optimizer, LR scheduler) pair training it. Default: the one optimizer built by
+        :meth:`build_optimizer`, for the one adapter of :meth:`adapters`."""
+        (name,) = self.adapters()
+        return {name: (self.optimizer, self.scheduler)}
+
+    def extra_state(self) -> dict:
+        """JSON-serialisable state beyond adapters/optimizers/RNG/data that an exact resume needs. Default: none."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore what :meth:`extra_state` returned."""
+
     def finish(self, run_dir: Path) -> None:
         """Write what the stage leaves after training (final model, report). Default: nothing."""
 
     # ------------------------------------------------------------------ shared parts
-    def build_optimizer(self, params: list[torch.nn.Parameter]) -> None:
-        """AdamW over `params` and the warmup + constant/linear/cosine schedule, one factor per planned update."""
+    def build_optimizer(self, params: list[torch.nn.Parameter], *, learning_rate: float, updates: int) -> None:
+        """AdamW over `params` and the warmup + constant/linear/cosine schedule over `updates` optimizer steps."""
         cfg = self.config
         self.optimizer = torch.optim.AdamW(
-            params, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay
+            params, lr=learning_rate, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay
         )
-        self.scheduler = make_scheduler(
-            self.optimizer, warmup=cfg.warmup_steps, total=self.planned_updates, kind=cfg.lr_scheduler
-        )
-
-    @property
-    def planned_updates(self) -> int:
-        return self.config.max_steps * getattr(self.config, "num_iterations", 1)
+        self.scheduler = make_scheduler(self.optimizer, warmup=cfg.warmup_steps, total=updates, kind=cfg.lr_scheduler)
 
     def save(self, run_dir: Path) -> Path:
         """Checkpoint `run_dir/checkpoint-<step>/` (adapters in the released layout + the full trainer state)."""
         folder = save_checkpoint(
             Path(run_dir) / f"checkpoint-{self.step}",
             adapters=self.adapters(),
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
+            optimizers=self.optimizers(),
             step=self.step,
             data_state=self.dataset.state_dict(),
             config=self.config.to_dict(),
+            extra=self.extra_state(),
         )
         prune_checkpoints(Path(run_dir), self.config.save_total_limit)
         return folder
 
     def resume(self, folder: Path) -> None:
-        """Restore adapters, optimizer, scheduler, RNG, data position and step from a checkpoint folder."""
+        """Restore adapters, optimizers, schedules, RNG, data position, extras and step from a checkpoint folder."""
         folder = Path(folder)
         state, tensors = load_trainer_state(folder)
         check_same_config(folder, self.config.to_dict())
         restore_adapters(folder, self.adapters(), self.device)
-        restore_optimizer(self.optimizer, state, tensors)
-        self.scheduler.load_state_dict(state["scheduler"])
+        restore_optimizers(folder, self.optimizers(), state, tensors)
         self.dataset.load_state_dict(state["data"])
+        self.load_extra_state(state.get("extra", {}))
         restore_rng(tensors)
         self.step = state["step"]
 

@@ -1,9 +1,9 @@
 """Trainer state on disk without pickles: tensors in safetensors, everything else in JSON; written atomically.
 
 A checkpoint folder holds the trained adapters as PEFT folders in the released layout (`llm_lora/` for the captioner,
-`dit_lora/` for the decoder), `optimizer.safetensors` +
-`trainer_state.json` (optimizer/scheduler/RNG/data position/step) and `config.yaml` (the run's config, so a resume
-with a different one is refused).
+`dit_lora/` for the decoder), `optimizer.safetensors` + `trainer_state.json` (each adapter's optimizer and LR
+schedule, RNG, data position, step, stage extras) and `config.yaml` (the run's config, so a resume with a different
+one is refused).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ __all__ = [
     "load_trainer_state",
     "prune_checkpoints",
     "check_same_config",
-    "restore_optimizer",
+    "restore_optimizers",
     "restore_rng",
     "restore_adapters",
 ]
@@ -67,8 +67,7 @@ def save_checkpoint(
     folder: Path,
     *,
     adapters: dict,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
+    optimizers: dict,
     step: int,
     data_state: dict,
     config: dict,
@@ -76,20 +75,19 @@ def save_checkpoint(
 ) -> Path:
     """Write one checkpoint folder atomically (a crash mid-write leaves the previous checkpoints untouched).
 
-    `adapters` maps a folder name of the released layout (`llm_lora`, `dit_lora`) to the PEFT model saved there.
+    `adapters` maps a folder name of the released layout (`llm_lora`, `dit_lora`) to the PEFT model saved there;
+    `optimizers` maps the same names to the (optimizer, LR scheduler) pair training that adapter.
     """
-    tensors, optim_meta = _flatten_optimizer(optimizer.state_dict())
+    tensors, optimizer_meta = {}, {}
+    for name, (optimizer, scheduler) in optimizers.items():
+        flat, meta = _flatten_optimizer(optimizer.state_dict())
+        tensors.update({f"{name}/{key}": value for key, value in flat.items()})
+        optimizer_meta[name] = {"optimizer": meta, "scheduler": scheduler.state_dict()}
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
-    state = {
-        "step": step,
-        "optimizer": optim_meta,
-        "scheduler": scheduler.state_dict(),
-        "data": data_state,
-        "extra": extra or {},
-    }
+    state = {"step": step, "optimizers": optimizer_meta, "data": data_state, "extra": extra or {}}
     with atomic_dir(folder) as tmp:
         for name, peft_model in adapters.items():
             peft_model.save_pretrained(str(tmp / name), safe_serialization=True)
@@ -122,8 +120,18 @@ def restore_adapters(folder: Path, adapters: dict, device) -> None:
             raise CheckpointError(f"{folder}/{name} does not fit this model (first unexpected key: {unexpected[0]})")
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict, tensors: dict[str, torch.Tensor]) -> None:
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+def restore_optimizers(folder: Path, optimizers: dict, state: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Load each named (optimizer, scheduler) pair as :func:`save_checkpoint` wrote it."""
+    saved = state.get("optimizers")
+    if saved is None:
+        raise CheckpointError(f"{folder} was written by an older uae_fast (one unnamed optimizer): start a new run")
+    for name, (optimizer, scheduler) in optimizers.items():
+        if name not in saved:
+            raise CheckpointError(f"{folder} holds no optimizer state for {name} (it has: {', '.join(sorted(saved))})")
+        prefix = f"{name}/"
+        flat = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        optimizer.load_state_dict(_unflatten_optimizer(flat, saved[name]["optimizer"]))
+        scheduler.load_state_dict(saved[name]["scheduler"])
 
 
 def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
