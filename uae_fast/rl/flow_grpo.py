@@ -51,7 +51,9 @@ class _Coefficients:  # float64 on the CPU, [B] each: μ = x + drift_x·x + drif
 
 
 def _per_sample(value, name: str, batch: int) -> torch.Tensor:
-    t = torch.as_tensor(value).detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+    # A Python float goes straight to float64: torch.as_tensor(0.95) would round it through fp32 first.
+    t = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(value, dtype=torch.float64)
+    t = t.to(device="cpu", dtype=torch.float64).reshape(-1)
     if t.numel() == 1:
         return t.expand(batch)
     if t.numel() != batch:
