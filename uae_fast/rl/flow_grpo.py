@@ -141,8 +141,8 @@ def sde_step(
         generator: torch.Generator for ε.
 
     Returns:
-        SDEStep(prev_sample, log_prob [B], mean, std [B]); log_prob is the Gaussian log-density, mean over elements,
-        from the same code as :func:`transition_logprob`.
+        SDEStep(prev_sample, log_prob [B], mean, std [B]); log_prob is the true Gaussian log-density (constants
+        included, also for "cps", unlike flow_grpo), mean over elements, from the code of :func:`transition_logprob`.
 
     Raises:
         ValueError: a step with std = 0 (cps at σ' = 0, noise_level = 0), which has no log-density.
