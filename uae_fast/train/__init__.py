@@ -1,4 +1,6 @@
-"""Training: `uae_fast.train(config)` runs a stage; `G4UTrainer` is stage 2a ("generation for understanding").
+"""Training: `uae_fast.train(config)` runs a stage: `G4UTrainer` is stage 2a ("generation for understanding", GRPO on
+the captioner), `U4GTrainer` stage 2b ("understanding for generation", Flow-GRPO on the decoder) and
+`UnifiedTrainer` the Unified-GRPO schedule of both.
 
 `uae_fast.train` is both this package and a function: the module is callable, so `uae_fast.train(config)` and
 `from uae_fast.train import G4UTrainer` both work. Names load on first use so `uae-fast --help` stays instant.
@@ -18,6 +20,8 @@ __all__ = [
     "G4UTrainer",
     "LoraSettings",
     "TrainConfig",
+    "U4GTrainer",
+    "UnifiedTrainer",
     "load_train_config",
     "shipped_configs",
     "train",
@@ -31,6 +35,8 @@ _LAZY = {
     "load_train_config": "config",
     "shipped_configs": "config",
     "G4UTrainer": "g4u",
+    "U4GTrainer": "u4g",
+    "UnifiedTrainer": "unified",
 }
 
 
@@ -45,10 +51,13 @@ def train(config=None, overrides: list[str] | tuple = ()) -> Path:
         config = load_train_config(config.to_dict(), overrides)
     # Refuse a wrong run folder before the models load (seconds to minutes), not after.
     prepare_run_folder(config.output_dir, resume=config.resume, overwrite=config.overwrite, check_only=True)
-    from .g4u import G4UTrainer
-
-    trainers = {"g4u": G4UTrainer}
-    return trainers[config.stage](config).train()
+    if config.stage == "g4u":
+        from .g4u import G4UTrainer as trainer
+    elif config.stage == "u4g":
+        from .u4g import U4GTrainer as trainer
+    else:
+        from .unified import UnifiedTrainer as trainer
+    return trainer(config).train()
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +23,11 @@ from ..rl.grpo import GroupAdvantages, PackedCompletions, completion_logprobs, g
 from ..rl.rollout_buffer import RolloutBuffer
 from .config import TrainConfig
 from .data import ImageDataset, TrainImage
+from .decoder_policy import caption_conditioning
 from .loop import StageTrainer
 from .policy import CaptionPolicy, Completions, ImageBatch
-from .schedule import PhaseTimer
+from .schedule import PhaseTimer, skip_updates
+from .seeds import stable_seed
 
 __all__ = ["RolloutBatch", "G4UTrainer"]
 
@@ -46,40 +47,34 @@ class RolloutBatch:
     stats: GroupAdvantages | None = None
 
 
-def _seed(*parts: int) -> int:
-    """A 63-bit seed from integers (stable across runs and machines, unlike hash())."""
-    return zlib.crc32(repr(parts).encode()) * 2654435761 % (2**63)
-
-
 class G4UTrainer(StageTrainer):
     """GRPO on the encoder (recipe: setup → [rollout → reconstruct → score] x accumulation → update → save).
 
     Args:
         config: the run's :class:`TrainConfig`.
         uae: an already loaded :class:`uae_fast.api.UAE` to train (default: `uae_fast.load(config.model)`).
+        dataset, reward: the image stream and the reward (default: new ones from the config); the unified
+            schedule's two stages share them.
+        steps: how many of the run's steps this stage trains (its LR schedule's length; default `max_steps`).
     """
 
-    def __init__(self, config: TrainConfig, *, uae=None):
-        self.config = config
-        self.step = 0
-        self._setup(uae)
-
-    # ------------------------------------------------------------------ setup
-    def _setup(self, uae) -> None:
+    def __init__(self, config: TrainConfig, *, uae=None, dataset: ImageDataset | None = None, reward=None, steps=None):
         from .. import api
 
-        cfg = self.config
+        self.config = config
+        self.step = 0
+        cfg = config
         torch.manual_seed(cfg.seed)
         self.uae = uae or api.load(cfg.model, conditioning=cfg.decoder.conditioning, device=cfg.device, seed=cfg.seed)
         self.device = self.uae.device
         self.policy = CaptionPolicy(self.uae.encoder, self.uae.processor, cfg.lora)
-        self.reward = ReconstructionReward.from_config(cfg.reward, device=self.device)
-        self.dataset = ImageDataset(cfg.data, seed=cfg.seed)
+        self.reward = reward or ReconstructionReward.from_config(cfg.reward, device=self.device)
+        self.dataset = dataset or ImageDataset(cfg.data, seed=cfg.seed)
         self.buffer = RolloutBuffer()
         self.build_optimizer(
             self.policy.trainable_parameters(),
             learning_rate=cfg.learning_rate,
-            updates=cfg.max_steps * cfg.num_iterations,
+            updates=(cfg.max_steps if steps is None else steps) * cfg.num_iterations,
         )
 
     def adapters(self) -> dict:
@@ -91,7 +86,7 @@ class G4UTrainer(StageTrainer):
         """Encode each image once and sample G captions per image."""
         cfg = self.config
         encoded = self.policy.encode_images([im.pixels for im in images])
-        generator = torch.Generator(self.device).manual_seed(_seed(cfg.seed, self.step, chunk))
+        generator = torch.Generator(self.device).manual_seed(stable_seed(cfg.seed, self.step, chunk))
         completions = self.policy.sample(
             encoded,
             cfg.num_generations,
@@ -102,26 +97,19 @@ class G4UTrainer(StageTrainer):
         )
         g = cfg.num_generations
         if cfg.decoder.fixed_noise:  # the same noise for an image at every step: a deterministic environment
-            seeds = [_seed(cfg.seed, zlib.crc32(im.key.encode())) for im in images]
+            seeds = [stable_seed(cfg.seed, zlib.crc32(im.key.encode())) for im in images]
         else:
-            seeds = [_seed(cfg.seed, self.step, chunk, b) for b in range(len(images))]
+            seeds = [stable_seed(cfg.seed, self.step, chunk, b) for b in range(len(images))]
         return RolloutBatch(
             images, encoded, completions, self.policy.decode(completions), [s for s in seeds for _ in range(g)]
         )
-
-    def _conditioning_context(self):
-        """In llm mode the decoder's caption encoding runs the encoder's LLM: with adapters off by default."""
-        if self.config.decoder.conditioning == "llm" and not self.config.decoder.adapters_in_conditioning:
-            return self.policy.adapters_disabled()
-        self.uae.clear_conditioning_cache()  # the negative prompt's embedding moves with the adapters: recompute it
-        return contextlib.nullcontext()
 
     @torch.no_grad()
     def reconstruct(self, batch: RolloutBatch) -> None:
         """Render every caption; the G captions of an image share its initial noise."""
         d = self.config.decoder
         images = []
-        with self._conditioning_context():
+        with caption_conditioning(self.uae, self.config.decoder):
             for i in range(0, len(batch.captions), d.batch_size):
                 images.append(
                     self.uae.generate_tensors(
@@ -163,10 +151,7 @@ class G4UTrainer(StageTrainer):
         total_tokens = buf.num_tokens
         metrics: dict[str, list] = {}
         if not include.any():  # no learning signal: no update, but the schedule still advances as planned
-            with warnings.catch_warnings():  # torch warns of a scheduler step without an optimizer step: intended
-                warnings.simplefilter("ignore", UserWarning)
-                for _ in range(cfg.num_iterations):
-                    self.scheduler.step()
+            skip_updates(self.scheduler, cfg.num_iterations)
             return {"loss": 0.0, "grad_norm": 0.0, "update/sequences": 0}
         # Whole groups per micro-batch, first-fit decreasing under `micro_batch_tokens`, each group's prompt charged
         # once (it is forwarded once and shared by the group's completions); a group over the budget goes alone.
@@ -330,6 +315,24 @@ class G4UTrainer(StageTrainer):
         return out
 
     # ------------------------------------------------------------------ outputs
+    @torch.no_grad()
+    def report_columns(self, images: list[TrainImage]) -> dict[str, tuple[list[str], torch.Tensor, list[float]]]:
+        """For the report: greedy captions of the base encoder (adapters off) and the trained one, each rendered by
+        the frozen decoder from the same noise, and scored."""
+        cfg = self.config
+        columns = {}
+        for label, context in (("base", self.policy.adapters_disabled()), ("trained", contextlib.nullcontext())):
+            with context:
+                encoded = self.policy.encode_images([im.pixels for im in images])
+                completions = self.policy.sample(encoded, 1, max_new_tokens=cfg.max_completion_length, temperature=0)
+                seeds = [cfg.seed + i for i in range(len(images))]
+                batch = RolloutBatch(images, encoded, completions, self.policy.decode(completions), seeds)
+                self.reconstruct(batch)
+            out = self.reward([im.pixels for im in images], batch.reconstructions, num_generations=1)
+            scores = torch.where(out.valid, out.rewards, float("nan")).tolist()
+            columns[label] = (batch.captions, batch.reconstructions, scores)
+        return columns
+
     def finish(self, run_dir: Path) -> None:
         """The trained model in the released layout (`final/`) and the reconstruction report (`report/`)."""
         from .report import write_report

@@ -5,13 +5,10 @@ Self-contained: one HTML file, the images beside it, no scripts."""
 
 from __future__ import annotations
 
-import contextlib
 import html
 import json
 import math
 from pathlib import Path
-
-import torch
 
 from ..api import tensors_to_pil
 from ..io import atomic_dir
@@ -19,8 +16,8 @@ from .metrics import read_metrics
 
 __all__ = ["write_report", "line_chart_svg"]
 
-# (title, [(metric, label)], band metric giving ± around the first series or None)
-CURVES = (
+# Per stage: (title, [(metric, label)], band metric giving ± around the first series or None)
+_G4U_CURVES = (
     ("reward (mean ± within-group std)", [("reward", "reward")], "reward_std"),
     (
         "caption length (tokens) vs the reference captions",
@@ -30,38 +27,49 @@ CURVES = (
     ("KL to the reference policy", [("kl", "kl")], None),
     ("entropy (nats per token)", [("entropy", "entropy")], None),
 )
-SETTINGS = (
-    "stage", "model", "seed", "batch_size", "num_generations", "temperature", "max_completion_length",
-    "learning_rate", "max_steps", "loss.loss_type", "loss.beta", "lora.r", "lora.alpha", "decoder.steps",
-    "decoder.size", "decoder.guidance", "decoder.conditioning", "data.images",
-)  # fmt: skip
+_U4G_CURVES = (
+    ("reward (mean ± within-group std)", [("reward", "reward")], "reward_std"),
+    ("KL to the reference DiT", [("kl", "kl")], None),
+    ("clipped fraction of the per-step ratios", [("clip_ratio", "clip ratio")], None),
+    ("log-prob of the sampled steps (mean per element)", [("rollout/logprob_mean", "log-prob")], None),
+)
+CURVES = {
+    "g4u": _G4U_CURVES,
+    "u4g": _U4G_CURVES,
+    "unified": (
+        ("reward of each stage's steps", [("g4u/reward", "stage 2a"), ("u4g/reward", "stage 2b")], None),
+        ("KL to the reference", [("g4u/kl", "stage 2a"), ("u4g/kl", "stage 2b")], None),
+        ("caption length (tokens)", [("completions/mean_length", "sampled")], None),
+        ("entropy (nats per token)", [("entropy", "entropy")], None),
+    ),
+}
+COLUMNS = {  # what the base / trained columns show
+    "g4u": "Greedy captions of the base encoder (adapters off) and the trained one, each rendered by the frozen "
+    "decoder from the same noise.",
+    "u4g": "Each image's caption (by the frozen captioner) rendered by the base DiT (adapters off) and the trained "
+    "one, from the same noise.",
+    "unified": "Greedy captions and renders of the base UAE (both adapters off) and the trained one (both on), from "
+    "the same noise.",
+}
+_COMMON = ("stage", "model", "seed", "max_steps", "decoder.size", "decoder.guidance", "decoder.conditioning",
+           "data.images")  # fmt: skip
+_G4U = ("batch_size", "num_generations", "temperature", "max_completion_length", "learning_rate", "loss.loss_type",
+        "loss.beta", "lora.r", "lora.alpha", "decoder.steps")  # fmt: skip
+_U4G = ("u4g.batch_size", "u4g.num_generations", "u4g.captions", "u4g.num_steps", "u4g.noise_level", "u4g.sde_type",
+        "u4g.sde_window_size", "u4g.clip_range", "u4g.beta", "u4g.learning_rate", "u4g.lora.r")  # fmt: skip
+SETTINGS = {"g4u": _COMMON + _G4U, "u4g": _COMMON + _U4G, "unified": _COMMON + ("unified.schedule",) + _G4U + _U4G}
 _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")
 
 
-@torch.no_grad()
-def _greedy_reconstructions(trainer, images) -> tuple[list[str], torch.Tensor, list[float]]:
-    from .g4u import RolloutBatch
-
-    cfg = trainer.config
-    encoded = trainer.policy.encode_images([im.pixels for im in images])
-    completions = trainer.policy.sample(encoded, 1, max_new_tokens=cfg.max_completion_length, temperature=0.0)
-    seeds = [cfg.seed + i for i in range(len(images))]
-    batch = RolloutBatch(images, encoded, completions, trainer.policy.decode(completions), seeds)
-    trainer.reconstruct(batch)
-    out = trainer.reward([im.pixels for im in images], batch.reconstructions, num_generations=1)
-    scores = torch.where(out.valid, out.rewards, float("nan")).tolist()
-    return batch.captions, batch.reconstructions, scores
-
-
 def write_report(trainer, run_dir: Path) -> Path:
-    """Write `run_dir/report/` (index.html, PNGs, report.json) for the first `report_images` training images."""
+    """Write `run_dir/report/` (index.html, PNGs, report.json) for the first `report_images` training images.
+
+    The trainer's `report_columns(images)` gives, for "base" and "trained", each image's caption, render and reward.
+    """
     from PIL import Image
 
     images = trainer.dataset.preview(trainer.config.report_images)
-    results = {}
-    for label, context in (("base", trainer.policy.adapters_disabled()), ("trained", contextlib.nullcontext())):
-        with context:
-            results[label] = _greedy_reconstructions(trainer, images)
+    results = trainer.report_columns(images)
     rows = []
     with atomic_dir(Path(run_dir) / "report") as tmp:
         for i, im in enumerate(images):
@@ -133,9 +141,9 @@ def line_chart_svg(series: list[tuple[str, list[tuple[float, float]]]], *, title
     return "".join(parts)
 
 
-def _curves(metrics: list[dict]) -> str:
+def _curves(metrics: list[dict], stage: str) -> str:
     charts = []
-    for i, (title, keys, band_key) in enumerate(CURVES):
+    for i, (title, keys, band_key) in enumerate(CURVES[stage]):
         series = [(label, [(r["step"], float(r[k])) for r in metrics if _number(r.get(k))]) for k, label in keys]
         band = None
         if band_key is not None:
@@ -157,6 +165,8 @@ def _setting(config: dict, dotted: str):
 
 
 def _html(rows: list[dict], step: int, config: dict, metrics: list[dict]) -> str:
+    stage = config["stage"]
+
     def cell(entry: dict) -> str:
         return (
             f'<td><img src="{entry["reconstruction"]}" width="192"><div>reward {entry["reward"]:.4f}</div>'
@@ -169,7 +179,7 @@ def _html(rows: list[dict], step: int, config: dict, metrics: list[dict]) -> str
         for r in rows
     )
     settings = "".join(
-        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(_setting(config, k)))}</td></tr>" for k in SETTINGS
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(_setting(config, k)))}</td></tr>" for k in SETTINGS[stage]
     )
     tiny = ""
     if config.get("model") == "tiny":
@@ -185,9 +195,8 @@ def _html(rows: list[dict], step: int, config: dict, metrics: list[dict]) -> str
         ".chart{margin:4px 12px 4px 0}</style>"
         f"<h1>Training report: step {step}</h1>{tiny}"
         f'<h2>Settings</h2><table id="settings">{settings}</table>'
-        f'<h2>Curves</h2><div id="curves">{_curves(metrics)}</div>'
-        f"<h2>Reconstructions after step {step}</h2><p>Greedy captions of the base encoder (adapters off) and the "
-        "trained one, each rendered by the frozen decoder from the same noise.</p>"
+        f'<h2>Curves</h2><div id="curves">{_curves(metrics, stage)}</div>'
+        f"<h2>Reconstructions after step {step}</h2><p>{COLUMNS[stage]}</p>"
         f'<table id="reconstructions"><tr><th>source</th><th>base</th><th>trained</th></tr>{body}</table>'
     )
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 
 import torch
 
-__all__ = ["lr_factor", "make_scheduler", "PhaseTimer"]
+__all__ = ["lr_factor", "make_scheduler", "skip_updates", "PhaseTimer"]
 
 
 def lr_factor(update: int, *, warmup: int, total: int, kind: str) -> float:
@@ -33,6 +34,14 @@ def make_scheduler(optimizer: torch.optim.Optimizer, *, warmup: int, total: int,
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda update: lr_factor(update, warmup=warmup, total=total, kind=kind)
     )
+
+
+def skip_updates(scheduler, count: int = 1) -> None:
+    """Advance the schedule over `count` planned updates that had no learning signal (no optimizer step)."""
+    with warnings.catch_warnings():  # torch warns of a scheduler step without an optimizer step: intended here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(count):
+            scheduler.step()
 
 
 class PhaseTimer:

@@ -1,0 +1,296 @@
+"""Stage 2b, "understanding for generation": Flow-GRPO on the decoder, the frozen captioner as the prompt source.
+
+One step: draw B images → caption each with the frozen captioner (cached) and condition the decoder on each caption
+once → render G images per caption from different noise with the SDE sampler, keeping each trained step's
+transition and log-probability (`rollout`) → reward = similarity of each render to the *source image*, group
+advantages per caption (`score`) → PPO-clipped update of the DiT's LoRA over the trained steps (`update`). The
+reference policy is the DiT with its adapters disabled; Flow-GRPO-Fast's window (`u4g.sde_window_size`) samples and
+trains a few consecutive steps only, the others being deterministic Euler steps.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import UAEError
+from ..models.decoder import ode_step
+from ..rewards.reconstruction import ReconstructionReward
+from ..rl.flow_grpo import flow_grpo_loss, sde_step, transition_logprob
+from ..rl.grpo import GroupAdvantages, group_advantages
+from .config import TrainConfig
+from .data import ImageDataset, TrainImage
+from .decoder_policy import DecoderPolicy
+from .loop import StageTrainer
+from .schedule import PhaseTimer, skip_updates
+from .seeds import stable_seed
+
+__all__ = ["Trajectories", "U4GTrainer"]
+
+
+@dataclass
+class Trajectories:
+    """G renders of each of B captions, caption-major (render g of caption b at b * G + g)."""
+
+    images: list[TrainImage]  # B sources
+    captions: list[str]  # B
+    steps: list[int]  # the trained denoising steps j (transition x_j → x_{j+1})
+    latents: torch.Tensor  # [B*G, len(steps), 2, C, h, w] fp32: (x_j, x_{j+1}) of each trained step
+    log_probs: torch.Tensor  # [B*G, len(steps)] under the rollout policy
+    renders: torch.Tensor  # [B*G, 3, H, W] in [0, 1]
+    finite: torch.Tensor  # [B*G] bool: the trajectory stayed finite
+    rewards: torch.Tensor | None = None  # [B*G], NaN where invalid
+    advantages: torch.Tensor | None = None  # [B*G], clipped to ±adv_clip_max
+    stats: GroupAdvantages | None = None
+
+
+class U4GTrainer(StageTrainer):
+    """Flow-GRPO on the decoder (recipe: setup → [caption → rollout → score] → update → save).
+
+    Args:
+        config: the run's :class:`TrainConfig` (stage-2b settings in `config.u4g`).
+        uae: an already loaded :class:`uae_fast.api.UAE` (default: `uae_fast.load(config.model)`).
+        dataset, reward: the image stream and the reward (default: new ones from the config); the unified
+            schedule's two stages share them.
+        steps: how many of the run's steps this stage trains (its LR schedule's length; default `max_steps`).
+    """
+
+    def __init__(self, config: TrainConfig, *, uae=None, dataset: ImageDataset | None = None, reward=None, steps=None):
+        from .. import api
+
+        self.config = config
+        self.step = 0
+        cfg, s = config, config.u4g
+        torch.manual_seed(cfg.seed)
+        self.uae = uae or api.load(cfg.model, conditioning=cfg.decoder.conditioning, device=cfg.device, seed=cfg.seed)
+        self.device = self.uae.device
+        self.policy = DecoderPolicy(self.uae, cfg.decoder, s)
+        self.reward = reward or ReconstructionReward.from_config(cfg.reward, device=self.device)
+        self.dataset = dataset or ImageDataset(cfg.data, seed=cfg.seed)
+        self.captions: dict[str, str] = {}  # image key → caption (greedy: whole run; sampled: this epoch)
+        self.captions_epoch = self.dataset.epoch
+        updates = (cfg.max_steps if steps is None else steps) * s.num_updates
+        self.build_optimizer(self.policy.trainable_parameters(), learning_rate=s.learning_rate, updates=updates)
+
+    def adapters(self) -> dict:
+        return {"dit_lora": self.policy.peft_model}
+
+    def extra_state(self) -> dict:
+        return {"u4g_captions": self.captions, "u4g_captions_epoch": self.captions_epoch}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.captions = dict(state.get("u4g_captions", {}))
+        self.captions_epoch = state.get("u4g_captions_epoch", self.dataset.epoch)
+
+    def forget_captions(self) -> None:
+        """Drop the cached captions and conditioning (the captioner changed: the unified schedule trained it)."""
+        self.captions.clear()
+        self.policy.refresh_conditioning()
+
+    # ------------------------------------------------------------------ phases
+    @torch.no_grad()
+    def caption(self, images: list[TrainImage]) -> list[str]:
+        """The frozen captioner's caption of each image: greedy ones are kept for the run, sampled ones per epoch."""
+        cfg = self.config
+        if cfg.u4g.captions == "sample" and self.captions_epoch != self.dataset.epoch:
+            self.captions.clear()
+            self.captions_epoch = self.dataset.epoch
+        missing = [im for im in dict((im.key, im) for im in images).values() if im.key not in self.captions]
+        if missing:
+            greedy = cfg.u4g.captions == "greedy"
+            generator = torch.Generator(self.device).manual_seed(stable_seed(cfg.seed, self.step, 7))
+            texts = self.uae.captioner.caption(
+                [im.pixels for im in missing],
+                max_new_tokens=cfg.max_completion_length,
+                temperature=0.0 if greedy else cfg.temperature,
+                top_p=cfg.top_p,
+                generator=generator,
+            )
+            self.captions.update({im.key: text for im, text in zip(missing, texts)})
+        return [self.captions[im.key] for im in images]
+
+    def trained_steps(self) -> list[int]:
+        """This step's SDE window (Flow-GRPO-Fast: a random start in the window range; default every step), minus
+        a deterministic last step (cps at σ' = 0), cut to `timestep_fraction` of its steps."""
+        s = self.config.u4g
+        lo, hi = s.window_range
+        if s.sde_window_size:
+            start = random.Random(stable_seed(self.config.seed, self.step, 11)).randint(lo, hi - s.sde_window_size)
+            lo, hi = start, start + s.sde_window_size
+        window = [j for j in range(lo, hi) if not (s.sde_type == "cps" and j == s.num_steps - 1)]
+        if not window:
+            raise UAEError("u4g: the SDE window holds no stochastic step (cps's last step is deterministic)")
+        return window[: max(1, round(len(window) * s.timestep_fraction))]
+
+    @torch.no_grad()
+    def rollout(self, images: list[TrainImage], captions: list[str]) -> Trajectories:
+        """G renders per caption: SDE steps inside the window (log-probs kept), Euler steps elsewhere."""
+        cfg, s = self.config, self.config.u4g
+        g = s.num_generations
+        steps = self.trained_steps()
+        sigmas = self.policy.sigmas(s.num_steps)
+        cond = self.policy.condition(captions)
+        seeds = [stable_seed(cfg.seed, self.step, b, k) for b in range(len(captions)) for k in range(g)]
+        generator = torch.Generator(self.device).manual_seed(stable_seed(cfg.seed, self.step, 13))
+        pairs, log_probs, renders, finite = [], [], [], []
+        for start in range(0, len(seeds), cfg.decoder.batch_size):
+            rows = torch.arange(start, min(start + cfg.decoder.batch_size, len(seeds)))
+            x = self.policy.initial_noise([seeds[i] for i in rows])
+            chunk_cond = tuple(t[rows // g] for t in cond)
+            kept, logp = [], []
+            for j in range(s.num_steps):
+                velocity = self.policy.velocity(x, sigmas[j], chunk_cond)
+                if j in steps:
+                    out = sde_step(
+                        velocity, x, sigmas[j], sigmas[j + 1], noise_level=s.noise_level, sde_type=s.sde_type,
+                        generator=generator,
+                    )  # fmt: skip
+                    kept.append(torch.stack([x, out.prev_sample], dim=1))
+                    logp.append(out.log_prob)
+                    x = out.prev_sample
+                else:
+                    x = ode_step(x, velocity, sigmas[j], sigmas[j + 1])
+            ok = torch.isfinite(x).flatten(1).all(1) & torch.isfinite(torch.stack(logp, 1)).all(1)
+            pairs.append(torch.stack(kept, dim=1))
+            log_probs.append(torch.stack(logp, dim=1))
+            renders.append(self.policy.decode(torch.where(ok[:, None, None, None], x, 0.0)))
+            finite.append(ok)
+        return Trajectories(
+            images, captions, steps, torch.cat(pairs), torch.cat(log_probs), torch.cat(renders), torch.cat(finite)
+        )
+
+    @torch.no_grad()
+    def score(self, batch: Trajectories) -> None:
+        """Rewards against each caption's source image (NaN where invalid), advantages per caption, clipped."""
+        cfg, s = self.config, self.config.u4g
+        out = self.reward(
+            [im.pixels for im in batch.images],
+            batch.renders,
+            source_ids=[im.key for im in batch.images],
+            num_generations=s.num_generations,
+            failed=~batch.finite,
+        )
+        batch.rewards = torch.where(out.valid, out.rewards, float("nan"))
+        batch.stats = group_advantages(batch.rewards, s.num_generations, s.scale_rewards)
+        sign = -1.0 if cfg.negate_advantages else 1.0
+        batch.advantages = sign * batch.stats.advantages.clamp(-s.adv_clip_max, s.adv_clip_max)
+
+    def update(self, batch: Trajectories) -> dict[str, float]:
+        """`num_updates` optimizer steps, each over a part of the captions' renders and every trained step."""
+        cfg, s = self.config, self.config.u4g
+        g = s.num_generations
+        cond = self.policy.condition(batch.captions)
+        sigmas = self.policy.sigmas(s.num_steps)
+        # A zero advantage contributes only its KL term: leave those renders out when beta is 0.
+        use = batch.finite & ((batch.advantages != 0) | (s.beta > 0))
+        captions = torch.arange(len(batch.captions)).tensor_split(s.num_updates)
+        metrics: dict[str, list[float]] = {}
+        norms = []
+        for part in captions:
+            rows = torch.cat([torch.arange(b * g, (b + 1) * g) for b in part.tolist()])
+            rows = rows[use[rows]]
+            if not len(rows):
+                skip_updates(self.scheduler)  # no signal in this part: no update; the schedule still advances
+                continue
+            for start in range(0, len(rows), cfg.decoder.batch_size):
+                mb = rows[start : start + cfg.decoder.batch_size]
+                mb_cond = tuple(t[mb // g] for t in cond)
+                for k, j in enumerate(batch.steps):
+                    x, x_next = batch.latents[mb, k, 0], batch.latents[mb, k, 1]
+                    ref = None
+                    if s.beta > 0:
+                        with torch.no_grad(), self.policy.adapters_disabled():
+                            ref = self.policy.velocity(x, sigmas[j], mb_cond)
+                    velocity = self.policy.velocity(x, sigmas[j], mb_cond)
+                    logp, kl = transition_logprob(
+                        velocity, x, x_next, sigmas[j], sigmas[j + 1], noise_level=s.noise_level,
+                        sde_type=s.sde_type, ref_velocity=ref,
+                    )  # fmt: skip
+                    loss, m = flow_grpo_loss(
+                        logp, batch.log_probs[mb, k], batch.advantages[mb], clip_range=s.clip_range, beta=s.beta, kl=kl
+                    )
+                    if not torch.isfinite(loss):
+                        raise UAEError(f"step {self.step + 1}: the loss is {float(loss)}; lower u4g.learning_rate")
+                    # The part's loss: the mean over its renders and over the trained steps.
+                    (loss * (len(mb) / (len(rows) * len(batch.steps)))).backward()
+                    for key, value in {"loss": loss.detach(), **m}.items():
+                        metrics.setdefault(key, []).append(float(value) * len(mb) / len(rows) / len(batch.steps))
+                    metrics.setdefault("logprob/mean", []).append(float(logp.detach().mean()))
+            params = self.policy.trainable_parameters()
+            limit = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+            norms.append(float(torch.nn.utils.clip_grad_norm_(params, limit)))
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        parts = max(len(norms), 1)
+        out = {k: sum(v) / parts for k, v in metrics.items() if k != "logprob/mean"}
+        if "logprob/mean" in metrics:
+            out["logprob/mean"] = sum(metrics["logprob/mean"]) / len(metrics["logprob/mean"])
+        out["grad_norm"] = sum(norms) / parts
+        out["update/renders"] = int(use.sum())
+        return out
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict[str, float]:
+        """Caption → rollout → score → update. Returns the step's metrics."""
+        cfg = self.config
+        timer = PhaseTimer(self.device)
+        images = self.dataset.next_batch(cfg.u4g.captions_per_step)
+        with timer("caption"):
+            captions = self.caption(images)
+        with timer("rollout"):
+            batch = self.rollout(images, captions)
+        with timer("score"):
+            self.score(batch)
+        with timer("update"):
+            update_metrics = self.update(batch)
+        self.step += 1
+        renders = len(batch.finite)
+        log_probs = batch.log_probs[batch.finite]
+        valid = batch.rewards[torch.isfinite(batch.rewards)]
+        times = {f"time/{k}": v for k, v in timer.times.items()}
+        return {
+            "reward": float(valid.mean()) if valid.numel() else float("nan"),
+            "reward_std": float(batch.stats.group_std.mean()),
+            "frac_reward_zero_std": batch.stats.num_zero_std_groups / len(captions),
+            "reward/invalid": batch.stats.num_invalid_rewards,
+            "rollout/nonfinite": int((~batch.finite).sum()),
+            "rollout/logprob_mean": float(log_probs.mean()) if log_probs.numel() else float("nan"),
+            "rollout/logprob_std": float(log_probs.std()) if log_probs.numel() > 1 else float("nan"),
+            "rollout/trained_steps": len(batch.steps),
+            "captions/truncated": self.policy.count_truncated(captions),
+            "learning_rate": self.scheduler.get_last_lr()[0],
+            "data/skipped_images": len(self.dataset.skipped),
+            "data/epoch": self.dataset.epoch,
+            **update_metrics,
+            **times,
+            "time/step": sum(timer.times.values()),
+            "rollout/images_per_s": renders / timer.times["rollout"],
+            "samples_per_s": renders / sum(timer.times.values()),
+        }
+
+    # ------------------------------------------------------------------ outputs
+    @torch.no_grad()
+    def report_columns(self, images: list[TrainImage]) -> dict[str, tuple[list[str], torch.Tensor, list[float]]]:
+        """For the report: each image's caption rendered by the base DiT (adapters off) and the trained one, from the
+        same noise with `eval_num_steps` Euler steps, and scored."""
+        captions = self.caption(images)
+        seeds = [self.config.seed + i for i in range(len(images))]
+        columns = {}
+        for label, trained in (("base", False), ("trained", True)):
+            renders = self.policy.render(captions, seeds, steps=self.config.u4g.eval_num_steps, adapters=trained)
+            out = self.reward([im.pixels for im in images], renders, num_generations=1)
+            columns[label] = (captions, renders, torch.where(out.valid, out.rewards, float("nan")).tolist())
+        return columns
+
+    def finish(self, run_dir: Path) -> None:
+        """The trained model in the released layout (`final/`, with `dit_lora/`) and the report (`report/`)."""
+        from .report import write_report
+
+        if self.config.save_final_model:
+            self.uae.save_pretrained(run_dir / "final")
+        if self.config.report_images:
+            write_report(self, run_dir)

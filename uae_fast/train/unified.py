@@ -1,0 +1,104 @@
+"""Unified-GRPO: stage 2a (GRPO on the captioner) and stage 2b (Flow-GRPO on the decoder) on one UAE in memory.
+
+`unified.schedule` runs them one after the other (`g4u_steps` of 2a, then 2b) or alternating in blocks of
+`alternate_every` steps. Each stage keeps its own adapters, optimizer and LR schedule (over its own steps); they
+share the model, the image stream and the reward (whose cached source features serve both). Each stage rewards
+what the other one currently is: 2a's captions are scored by the decoder 2b trains, and 2b re-captions its images
+whenever 2a has changed the captioner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig
+from .data import ImageDataset, TrainImage
+from .g4u import G4UTrainer
+from .loop import StageTrainer
+from .u4g import U4GTrainer
+
+__all__ = ["UnifiedTrainer"]
+
+
+class UnifiedTrainer(StageTrainer):
+    """Both stages on one UAE, step by step as `config.unified` schedules them.
+
+    Args:
+        config: the run's :class:`TrainConfig`: stage 2a's settings at the top level, stage 2b's in `u4g`.
+        uae: an already loaded :class:`uae_fast.api.UAE` (default: `uae_fast.load(config.model)`).
+    """
+
+    def __init__(self, config: TrainConfig, *, uae=None):
+        from .. import api
+        from ..rewards.reconstruction import ReconstructionReward
+
+        cfg = config
+        self.config = config
+        self.step = 0
+        self.uae = uae or api.load(cfg.model, conditioning=cfg.decoder.conditioning, device=cfg.device, seed=cfg.seed)
+        self.device = self.uae.device
+        self.dataset = ImageDataset(cfg.data, seed=cfg.seed)
+        reward = ReconstructionReward.from_config(cfg.reward, device=self.device)
+        g4u_steps = sum(self.stage_at(k) == "g4u" for k in range(cfg.max_steps))
+        shared = {"uae": self.uae, "dataset": self.dataset, "reward": reward}
+        self.g4u = G4UTrainer(config, **shared, steps=g4u_steps)
+        self.u4g = U4GTrainer(config, **shared, steps=cfg.max_steps - g4u_steps)
+
+    def stage_at(self, step: int) -> str:
+        return self.config.unified.stage_at(step, self.config.max_steps)
+
+    def adapters(self) -> dict:
+        return {**self.g4u.adapters(), **self.u4g.adapters()}
+
+    def optimizers(self) -> dict:
+        return {**self.g4u.optimizers(), **self.u4g.optimizers()}
+
+    def extra_state(self) -> dict:
+        return self.u4g.extra_state()
+
+    def load_extra_state(self, state: dict) -> None:
+        self.u4g.load_extra_state(state)
+
+    def train_step(self) -> dict[str, float]:
+        """One step of the stage the schedule names; its metrics, plus `<stage>/reward` and `<stage>/kl`."""
+        stage = self.stage_at(self.step)
+        if stage == "u4g" and self.step > 0 and self.stage_at(self.step - 1) == "g4u":
+            self.u4g.forget_captions()  # the captioner just changed: its captions (and maybe conditioning) are stale
+        trainer = self.g4u if stage == "g4u" else self.u4g
+        trainer.step = self.step  # seeds and logs follow the run's step count
+        metrics = trainer.train_step()
+        self.step = trainer.step
+        nan = float("nan")
+        return {**metrics, f"{stage}/reward": metrics["reward"], f"{stage}/kl": metrics.get("kl", nan),
+                "stage/u4g": float(stage == "u4g")}  # fmt: skip
+
+    @torch.no_grad()
+    def report_columns(self, images: list[TrainImage]) -> dict[str, tuple[list[str], torch.Tensor, list[float]]]:
+        """For the report: greedy captions rendered with both adapters off (the base UAE) and both on."""
+        cfg = self.config
+        seeds = [cfg.seed + i for i in range(len(images))]
+        columns = {}
+        for label in ("base", "trained"):
+            with contextlib.ExitStack() as stack:
+                if label == "base":
+                    stack.enter_context(self.g4u.policy.adapters_disabled())
+                    stack.enter_context(self.u4g.policy.adapters_disabled())
+                captions = self.uae.captioner.caption(
+                    [im.pixels for im in images], max_new_tokens=cfg.max_completion_length, temperature=0.0
+                )
+                renders = self.u4g.policy.render(captions, seeds, steps=cfg.u4g.eval_num_steps)
+            out = self.u4g.reward([im.pixels for im in images], renders, num_generations=1)
+            columns[label] = (captions, renders, torch.where(out.valid, out.rewards, float("nan")).tolist())
+        return columns
+
+    def finish(self, run_dir: Path) -> None:
+        """`final/` with both `llm_lora/` and `dit_lora/` (loadable by `uae_fast.load`) and the report."""
+        from .report import write_report
+
+        if self.config.save_final_model:
+            self.uae.save_pretrained(run_dir / "final")
+        if self.config.report_images:
+            write_report(self, run_dir)
