@@ -63,7 +63,7 @@ class UnifiedTrainer(StageTrainer):
         self.u4g.load_extra_state(state)
 
     def train_step(self) -> dict[str, float]:
-        """One step of the stage the schedule names; its metrics, plus `<stage>/reward` and `<stage>/kl`."""
+        """One step of the stage the schedule names: its metrics, also as `<stage>/reward`, `/reward_std`, `/kl`."""
         stage = self.stage_at(self.step)
         if stage == "u4g" and self.step > 0 and self.stage_at(self.step - 1) == "g4u":
             self.u4g.forget_captions()  # the captioner just changed: its captions (and maybe conditioning) are stale
@@ -71,9 +71,8 @@ class UnifiedTrainer(StageTrainer):
         trainer.step = self.step  # seeds and logs follow the run's step count
         metrics = trainer.train_step()
         self.step = trainer.step
-        nan = float("nan")
-        return {**metrics, f"{stage}/reward": metrics["reward"], f"{stage}/kl": metrics.get("kl", nan),
-                "stage/u4g": float(stage == "u4g")}  # fmt: skip
+        per_stage = {f"{stage}/{k}": metrics.get(k, float("nan")) for k in ("reward", "reward_std", "kl")}
+        return {**metrics, **per_stage, "stage/u4g": float(stage == "u4g")}
 
     @torch.no_grad()
     def report_columns(self, images: list[TrainImage]) -> dict[str, tuple[list[str], torch.Tensor, list[float]]]:
