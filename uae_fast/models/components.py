@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from ..errors import CheckpointError
 from ..io import atomic_dir
 from .decoder import TextEncoders, clip_pooled_embeds
-from .lora import base_state_dict, save_lora
+from .lora import base_state_dict, load_dit_lora, save_lora
 
 __all__ = [
     "InferenceDefaults",
@@ -288,7 +288,6 @@ def load_components(root: str | Path, *, conditioning: str = "llm") -> UAECompon
     then dropped; T5 is loaded only in `text` mode.
     """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from peft import PeftModel
 
     root = Path(root)
     if not root.is_dir():
@@ -308,7 +307,7 @@ def load_components(root: str | Path, *, conditioning: str = "llm") -> UAECompon
     )
     transformer = _aligned(SD3Transformer2DModel.from_pretrained(dit, dtype=torch.float32).eval())
     if (root / "dit_lora").exists():
-        transformer = _aligned(PeftModel.from_pretrained(transformer, root / "dit_lora").eval())
+        transformer = _aligned(load_dit_lora(transformer, root / "dit_lora").eval())
     vae = _aligned(AutoencoderKL.from_pretrained(_require(sd3 / "vae", "SD3 VAE"), dtype=torch.float32).eval())
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(_require(sd3 / "scheduler", "SD3 scheduler"))
     max_len = meta.get("t5_max_sequence_length", 256)

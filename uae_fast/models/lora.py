@@ -19,6 +19,7 @@ from ..errors import CheckpointError
 __all__ = [
     "save_lora",
     "load_encoder_lora",
+    "load_dit_lora",
     "load_release_lora",
     "base_state_dict",
     "RELEASE_LORA_RANK",
@@ -116,3 +117,25 @@ def load_release_lora(encoder, path: Path) -> None:
 def load_encoder_lora(encoder, path: Path) -> None:
     """Attach the encoder LoRA at `path` (PEFT adapter folder or release shards): `encoder.load_lora(path)`."""
     encoder.load_lora(Path(path))
+
+
+def load_dit_lora(transformer, path: Path):
+    """The DiT wrapped with the PEFT adapter at `path` (a checkpoint's `dit_lora/`), checked to fit: an adapter for
+    other modules or widths is a one-line CheckpointError, not a deep traceback or a silently partial load."""
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict, load_peft_weights
+
+    from ..data.images import one_line
+
+    path = Path(path)
+    if not (path / "adapter_config.json").exists():
+        raise CheckpointError(f"{path} is not a PEFT adapter folder (no adapter_config.json)")
+    try:
+        model = PeftModel.from_pretrained(transformer, str(path))
+    except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path} does not fit this DiT: {one_line(exc)}") from None
+    loaded = set(get_peft_model_state_dict(model))
+    stray = sorted(set(load_peft_weights(str(path), device="cpu")) - loaded)
+    if stray:
+        raise CheckpointError(f"{path} does not fit this DiT: {len(stray)} weights match no layer (first: {stray[0]})")
+    return model

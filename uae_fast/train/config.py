@@ -332,7 +332,8 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        if self.stage == "unified" and (self.unified.g4u_steps or 0) > self.max_steps:
+        sequential = self.stage == "unified" and self.unified.schedule == "sequential"
+        if sequential and (self.unified.g4u_steps or 0) > self.max_steps:
             raise ConfigError(f"unified.g4u_steps ({self.unified.g4u_steps}) is more than max_steps ({self.max_steps})")
         if self.reward is None:
             if self.model != "tiny":

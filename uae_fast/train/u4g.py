@@ -37,6 +37,7 @@ class Trajectories:
 
     images: list[TrainImage]  # B sources
     captions: list[str]  # B
+    cond: tuple  # the B captions' decoder conditioning (embeds, mask, pooled), computed once, shared by G renders
     steps: list[int]  # the trained denoising steps j (transition x_j → x_{j+1})
     latents: torch.Tensor  # [B*G, len(steps), 2, C, h, w] fp32: (x_j, x_{j+1}) of each trained step
     log_probs: torch.Tensor  # [B*G, len(steps)] under the rollout policy
@@ -159,7 +160,7 @@ class U4GTrainer(StageTrainer):
             renders.append(self.policy.decode(torch.where(ok[:, None, None, None], x, 0.0)))
             finite.append(ok)
         return Trajectories(
-            images, captions, steps, torch.cat(pairs), torch.cat(log_probs), torch.cat(renders), torch.cat(finite)
+            images, captions, cond, steps, torch.cat(pairs), torch.cat(log_probs), torch.cat(renders), torch.cat(finite)
         )
 
     @torch.no_grad()
@@ -182,7 +183,6 @@ class U4GTrainer(StageTrainer):
         """`num_updates` optimizer steps, each over a part of the captions' renders and every trained step."""
         cfg, s = self.config, self.config.u4g
         g = s.num_generations
-        cond = self.policy.condition(batch.captions)
         sigmas = self.policy.sigmas(s.num_steps)
         # A zero advantage contributes only its KL term: leave those renders out when beta is 0.
         use = batch.finite & ((batch.advantages != 0) | (s.beta > 0))
@@ -197,7 +197,7 @@ class U4GTrainer(StageTrainer):
                 continue
             for start in range(0, len(rows), cfg.decoder.batch_size):
                 mb = rows[start : start + cfg.decoder.batch_size]
-                mb_cond = tuple(t[mb // g] for t in cond)
+                mb_cond = tuple(t[mb // g] for t in batch.cond)
                 for k, j in enumerate(batch.steps):
                     x, x_next = batch.latents[mb, k, 0], batch.latents[mb, k, 1]
                     ref = None
