@@ -49,7 +49,8 @@ def test_final_model_reproduces_the_trained_policy(run_dir, demo):
 
 def test_list_configs(capsys):
     assert main(["train", "--list-configs"]) == 0
-    assert "g4u_tiny" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("g4u_tiny", "u4g_tiny", "unified_tiny", "u4g_uae3b", "unified_uae3b"))
 
 
 @pytest.mark.parametrize(
@@ -59,6 +60,8 @@ def test_list_configs(capsys):
         (["--preset", "tiny", "--out", "X", "max_steps=abc"], "max_steps must be int"),
         (["--preset", "tiny", "--out", "X", "oops"], "overrides look like key=value"),
         (["--config", "nope.yaml", "--out", "X"], "config file not found: nope.yaml"),
+        (["--config", "g4u_tiny", "--stage", "u4g", "--out", "X"], "with --config, set stage=... as an override"),
+        (["--preset", "tiny", "--stage", "u4g", "--out", "X", "u4g.noise_level=0"], "u4g.noise_level must be > 0"),
     ],
 )
 def test_errors_are_one_line(args, message, capsys, tmp_path, monkeypatch):

@@ -7,22 +7,33 @@ import sys
 
 __all__ = ["add_train_parser", "cmd_train"]
 
-# `--preset NAME` is shorthand for the shipped config of that model.
-PRESET_CONFIGS = {"tiny": "g4u_tiny", "uae-3b": "g4u_uae3b"}
+# `--preset NAME [--stage STAGE]` is shorthand for the shipped config of that model and stage: `<stage>_<suffix>`.
+PRESET_CONFIGS = {"tiny": "tiny", "uae-3b": "uae3b"}
+STAGE_NAMES = {"g4u": "stage 2a: GRPO on the captioner", "u4g": "stage 2b: Flow-GRPO on the decoder",
+               "unified": "Unified-GRPO: 2a then 2b (or alternating) on one model"}  # fmt: skip
 
 
 def add_train_parser(sub) -> None:
     p = sub.add_parser(
         "train",
-        help="train (stage 2a: GRPO on the captioner)",
+        help="train (stage 2a, stage 2b or the Unified-GRPO schedule)",
         description="Train a UAE. Settings come from --config (a YAML file or a shipped config name) or --preset, "
         "then from KEY=VALUE overrides with dotted keys, e.g. max_steps=4 decoder.steps=10 lora.r=16.",
-        epilog="Example: uae-fast train --preset tiny --out runs/tiny max_steps=20",
+        epilog="Examples: uae-fast train --preset tiny --out runs/tiny max_steps=20; "
+        "uae-fast train --preset tiny --stage u4g --out runs/u4g",
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="YAML file, or a shipped config name (see --list-configs)")
     source.add_argument("--preset", choices=sorted(PRESET_CONFIGS), help="the shipped config of a preset model")
     source.add_argument("--list-configs", action="store_true", help="print the shipped configs and exit")
+    p.add_argument(
+        "--stage",
+        choices=sorted(STAGE_NAMES),
+        default="g4u",
+        help="with --preset: which stage's shipped config ("
+        + "; ".join(f"{k}: {v}" for k, v in STAGE_NAMES.items())
+        + "); default g4u",
+    )
     p.add_argument("--out", help="run folder: checkpoints, metrics.jsonl, tensorboard/, final/, report/")
     p.add_argument(
         "--resume",
@@ -57,7 +68,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         overrides.append(f"resume={args.resume}")
     if args.overwrite:
         overrides.append("overwrite=true")
-    config = load_train_config(args.config or PRESET_CONFIGS[args.preset], overrides)
+    if args.config and args.stage != "g4u":
+        raise ConfigError("--stage picks a preset's shipped config; with --config, set stage=... as an override")
+    config = load_train_config(args.config or f"{args.stage}_{PRESET_CONFIGS[args.preset]}", overrides)
     if not config.output_dir:
         raise ConfigError("no run folder: pass --out RUN_DIR (or output_dir=... in the config)")
     # Before the libraries load (seconds): a folder holding a run is refused at once.
