@@ -3,8 +3,7 @@
 A stage's trainer subclasses :class:`StageTrainer` and says only what is its own: how it is built (setting
 `config`, `device`, `dataset` and, with :meth:`build_optimizer`, `optimizer` and `scheduler`), what one step does
 (:meth:`train_step`), which adapters it trains (:meth:`adapters`, saved in the released layout, and
-:meth:`optimizers`, their optimizers), any extra state a resume needs (:meth:`extra_state`) and what it writes at
-the end (:meth:`finish`).
+:meth:`optimizers`, their optimizers) and what it writes at the end (:meth:`finish`).
 """
 
 from __future__ import annotations
@@ -57,13 +56,6 @@ class StageTrainer:
         (name,) = self.adapters()
         return {name: (self.optimizer, self.scheduler)}
 
-    def extra_state(self) -> dict:
-        """JSON-serialisable state beyond adapters/optimizers/RNG/data that an exact resume needs. Default: none."""
-        return {}
-
-    def load_extra_state(self, state: dict) -> None:
-        """Restore what :meth:`extra_state` returned."""
-
     def finish(self, run_dir: Path) -> None:
         """Write what the stage leaves after training (final model, report). Default: nothing."""
 
@@ -85,20 +77,18 @@ class StageTrainer:
             step=self.step,
             data_state=self.dataset.state_dict(),
             config=self.config.to_dict(),
-            extra=self.extra_state(),
         )
         prune_checkpoints(Path(run_dir), self.config.save_total_limit)
         return folder
 
     def resume(self, folder: Path) -> None:
-        """Restore adapters, optimizers, schedules, RNG, data position, extras and step from a checkpoint folder."""
+        """Restore adapters, optimizers, schedules, RNG, data position and step from a checkpoint folder."""
         folder = Path(folder)
         state, tensors = load_trainer_state(folder)
         check_same_config(folder, self.config.to_dict())
         restore_adapters(folder, self.adapters(), self.device)
         restore_optimizers(folder, self.optimizers(), state, tensors)
         self.dataset.load_state_dict(state["data"])
-        self.load_extra_state(state.get("extra", {}))
         restore_rng(tensors)
         self.step = state["step"]
 

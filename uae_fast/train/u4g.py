@@ -79,13 +79,6 @@ class U4GTrainer(StageTrainer):
     def adapters(self) -> dict:
         return {"dit_lora": self.policy.peft_model}
 
-    def extra_state(self) -> dict:
-        return {"u4g_captions": self.captions, "u4g_captions_epoch": self.captions_epoch}
-
-    def load_extra_state(self, state: dict) -> None:
-        self.captions = dict(state.get("u4g_captions", {}))
-        self.captions_epoch = state.get("u4g_captions_epoch", self.dataset.epoch)
-
     def forget_captions(self) -> None:
         """Drop the cached captions and conditioning (the captioner changed: the unified schedule trained it)."""
         self.captions.clear()
@@ -94,7 +87,11 @@ class U4GTrainer(StageTrainer):
     # ------------------------------------------------------------------ phases
     @torch.no_grad()
     def caption(self, images: list[TrainImage]) -> list[str]:
-        """The frozen captioner's caption of each image: greedy ones are kept for the run, sampled ones per epoch."""
+        """The frozen captioner's caption of each image: greedy ones are kept for the run, sampled ones per epoch.
+
+        The cache is not checkpointed (it would grow with the dataset): after a resume, captions are recomputed —
+        greedy ones are the same, sampled ones are drawn at their step with that step's seed, as they would have been.
+        """
         cfg = self.config
         if cfg.u4g.captions == "sample" and self.captions_epoch != self.dataset.epoch:
             self.captions.clear()
@@ -269,6 +266,8 @@ class U4GTrainer(StageTrainer):
             **times,
             "time/step": sum(timer.times.values()),
             "rollout/images_per_s": renders / timer.times["rollout"],
+            "score/images_per_s": renders / timer.times["score"],
+            "update/images_per_s": update_metrics["update/renders"] / timer.times["update"],
             "samples_per_s": renders / sum(timer.times.values()),
         }
 

@@ -56,12 +56,6 @@ class UnifiedTrainer(StageTrainer):
     def optimizers(self) -> dict:
         return {**self.g4u.optimizers(), **self.u4g.optimizers()}
 
-    def extra_state(self) -> dict:
-        return self.u4g.extra_state()
-
-    def load_extra_state(self, state: dict) -> None:
-        self.u4g.load_extra_state(state)
-
     def train_step(self) -> dict[str, float]:
         """One step of the stage the schedule names: its metrics, also as `<stage>/reward`, `/reward_std`, `/kl`."""
         stage = self.stage_at(self.step)
