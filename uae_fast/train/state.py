@@ -2,7 +2,7 @@
 
 A checkpoint folder holds the trained adapters as PEFT folders in the released layout (`llm_lora/` for the captioner,
 `dit_lora/` for the decoder), `optimizer.safetensors` + `trainer_state.json` (each adapter's optimizer and LR
-schedule, RNG, data position, step, stage extras) and `config.yaml` (the run's config, so a resume with a different
+schedule, RNG, data position, step) and `config.yaml` (the run's config, so a resume with a different
 one is refused).
 """
 
@@ -71,7 +71,6 @@ def save_checkpoint(
     step: int,
     data_state: dict,
     config: dict,
-    extra: dict | None = None,
 ) -> Path:
     """Write one checkpoint folder atomically (a crash mid-write leaves the previous checkpoints untouched).
 
@@ -87,7 +86,7 @@ def save_checkpoint(
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
-    state = {"step": step, "optimizers": optimizer_meta, "data": data_state, "extra": extra or {}}
+    state = {"step": step, "optimizers": optimizer_meta, "data": data_state}
     with atomic_dir(folder) as tmp:
         for name, peft_model in adapters.items():
             peft_model.save_pretrained(str(tmp / name), safe_serialization=True)
