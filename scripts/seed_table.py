@@ -7,6 +7,8 @@ reward std), Δ = mean of `--metric` over the last `--window` steps − over the
 (1.5, 3.0); stage 2b's is `--min-gain 0 --min-gap 5`. One torch thread, one run at a time.
 
 Usage: `python scripts/seed_table.py --config g4u_tiny --seeds 5000-5009 [--metric reward] [--steps N] [key=value ...]`
+A metric logged on some steps only (the unified schedule's `g4u/reward`, `u4g/reward`) is measured over the steps
+that log it: `--config unified_tiny --metric u4g/reward --std-metric u4g/reward_std --min-gain 0 --min-gap 5`.
 """
 
 from __future__ import annotations
@@ -50,8 +52,14 @@ def run(config: str, seed: int, negate: bool, overrides: list[str]) -> list[dict
 
 
 def delta(rows: list[dict], metric: str, window: int) -> float:
-    values = [row[metric] for row in rows]
+    """Over the steps that log `metric` (all of them, or one stage's steps of the unified schedule)."""
+    values = [row[metric] for row in rows if metric in row]
     return statistics.mean(values[-window:]) - statistics.mean(values[:window])
+
+
+def first(rows: list[dict], metric: str) -> float:
+    """`metric` at the first step that logs it (σ₀ of a stage that starts mid-run)."""
+    return next(row[metric] for row in rows if metric in row)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         plus = run(args.config, seed, False, overrides)
         minus = run(args.config, seed, True, overrides)
-        sigma0 = plus[0][std_metric]
+        sigma0 = first(plus, std_metric)
         gain = delta(plus, args.metric, args.window) / sigma0
         gap = gain - delta(minus, args.metric, args.window) / sigma0
         ok = gain > 0 and gain >= args.min_gain and gap >= args.min_gap
