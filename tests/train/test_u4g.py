@@ -263,3 +263,13 @@ def test_a_dit_lora_that_does_not_fit_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="dit_lora does not fit this DiT") as err:
         uae_fast.load(tmp_path / "ckpt")
     assert "\n" not in str(err.value)
+
+
+def test_captions_longer_than_the_text_conditioning_are_counted(tmp_path):
+    trainer = make(tmp_path, "decoder.conditioning=text")
+    limit = trainer.uae.decoder.text_encoders.max_sequence_length
+    tokenizer = trainer.uae.decoder.text_encoders.tokenizer_t5
+    short, long = "a red bus", " ".join(["bus"] * (limit + 10))
+    assert len(tokenizer(long).input_ids) > limit >= len(tokenizer(short).input_ids)
+    assert trainer.policy.count_truncated([short, long, long]) == 2
+    assert make(tmp_path / "llm").policy.count_truncated([long]) == 0  # llm conditioning takes any length
