@@ -60,6 +60,15 @@ def test_stored_transitions_reproduce_their_log_probs(tmp_path):
     assert not torch.allclose(batch.renders[0], batch.renders[1])
 
 
+def test_same_noise_starts_a_caption_s_renders_from_one_noise(tmp_path):
+    batch = _one_rollout(make(tmp_path, "u4g.same_noise=true"))
+    start = batch.latents[:, 0, 0]  # x_0 of every render (step 0 is trained)
+    assert all(torch.equal(start[0], start[k]) for k in range(1, 4)) and not torch.equal(start[0], start[4])
+    assert not torch.equal(batch.latents[0, 0, 1], batch.latents[1, 0, 1])  # the SDE noise still differs
+    default = _one_rollout(make(tmp_path / "default")).latents[:, 0, 0]
+    assert not torch.equal(default[0], default[1])
+
+
 def test_cfg_negative_branch_is_not_in_the_graph(tmp_path):
     """Under autograd the guided velocity's gradient is guidance x the conditional branch's: uncond is detached."""
     trainer = make(tmp_path, "decoder.guidance=3.0")

@@ -143,6 +143,11 @@ class U4GSettings:
     sde_window_range: list[int] | None = field(
         default=None, metadata={"help": "[lo, hi): the window starts at a random step in lo..hi-size (default all)"}
     )
+    same_noise: bool = field(
+        default=False,
+        metadata={"help": "a caption's G renders start from the same noise (flow_grpo's same_latent) and differ only "
+                  "by the SDE noise; default: different noise per render"},
+    )  # fmt: skip
     timestep_fraction: float = field(default=1.0, metadata={"help": "fraction of the SDE steps trained on"})
     clip_range: float = field(default=1e-4, metadata={"help": "PPO clip range of the per-step ratio"})
     adv_clip_max: float = field(default=5.0, metadata={"help": "advantages are clipped to ±adv_clip_max"})

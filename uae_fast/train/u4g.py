@@ -131,7 +131,10 @@ class U4GTrainer(StageTrainer):
         steps = self.trained_steps()
         sigmas = self.policy.sigmas(s.num_steps)
         cond = self.policy.condition(captions)
-        seeds = [stable_seed(cfg.seed, self.step, b, k) for b in range(len(captions)) for k in range(g)]
+        # same_noise: a caption's G renders start from one noise and differ only by the SDE's noise — the part the
+        # log-probs credit — instead of mostly by their starting noise, which no gradient can credit.
+        seeds = [stable_seed(cfg.seed, self.step, b, 0 if s.same_noise else k) for b in range(len(captions))
+                 for k in range(g)]  # fmt: skip
         generator = torch.Generator(self.device).manual_seed(stable_seed(cfg.seed, self.step, 13))
         pairs, log_probs, renders, finite = [], [], [], []
         for start in range(0, len(seeds), cfg.decoder.batch_size):
