@@ -89,6 +89,31 @@ def test_cfg_negative_branch_is_not_in_the_graph(tmp_path):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def _sgd_update(trainer, batch) -> dict[str, torch.Tensor]:
+    """Parameter change of one update with plain SGD (lr 1): minus the accumulated gradient."""
+    trainer.optimizer = torch.optim.SGD(trainer.policy.trainable_parameters(), lr=1.0)
+    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda _: 1.0)
+    before = _dit_lora(trainer)
+    trainer.update(batch)
+    return {n: p - before[n] for n, p in _dit_lora(trainer).items()}
+
+
+def test_update_reuses_the_rollout_s_negative_branch_exactly(tmp_path):
+    """With CFG the update takes the rollout's negative-branch velocities (same weights, same states) instead of
+    recomputing them: the gradient equals the one with every branch recomputed."""
+    settings = ("decoder.guidance=3.0", "u4g.beta=0.05", "u4g.num_updates=2")
+    reused_trainer, fresh_trainer = make(tmp_path / "a", *settings), make(tmp_path / "b", *settings)
+    reused = _one_rollout(reused_trainer)
+    fresh = _one_rollout(fresh_trainer)
+    assert reused.uncond.shape == (8, 3, *reused.latents.shape[3:])
+    torch.testing.assert_close(reused.latents, fresh.latents, rtol=0, atol=0)
+    fresh.uncond = None
+    a, b = _sgd_update(reused_trainer, reused), _sgd_update(fresh_trainer, fresh)
+    assert any(v.abs().max() > 0 for v in a.values())
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-4)
+
+
 def test_sde_window_and_timestep_fraction(tmp_path):
     trainer = make(tmp_path, "u4g.num_steps=10", "u4g.sde_window_size=2", "u4g.sde_window_range=[2,7]")
     starts = set()

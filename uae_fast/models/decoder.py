@@ -202,15 +202,21 @@ class UAEDecoder(nn.Module):
         """Classifier-free guided velocity `uncond + guidance · (cond − uncond)`; guidance <= 1 is the plain
         conditional velocity.
 
-        Without autograd (sampling, rollouts) both branches run as one batch. Under autograd (the stage-2b update)
-        the negative branch runs without grad: it is never kept for backward, which halves the activations held.
-
         Args:
             cond: (prompt_embeds [B, L, D], mask [B, L] bool, pooled [B, P]).
             negative: the negative prompt's (embeds [1, Ln, D], mask [1, Ln], pooled [1, P]); needed if guidance > 1.
         """
         if guidance <= 1.0:
             return self.velocity(latents, sigma, *cond)
+        uncond, cond_v = self.cfg_branches(latents, sigma, cond, negative)
+        return uncond + guidance * (cond_v - uncond)
+
+    def cfg_branches(self, latents, sigma, cond: tuple, negative: tuple | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(negative-prompt velocity, conditional velocity) for CFG.
+
+        Without autograd (sampling, rollouts) both branches run as one batch. Under autograd (the stage-2b update)
+        the negative branch runs without grad: it is never kept for backward, which halves the activations held.
+        """
         if negative is None:
             raise ValueError("guidance > 1 needs the negative prompt conditioning")
         batch = latents.shape[0]
@@ -219,12 +225,11 @@ class UAEDecoder(nn.Module):
         if torch.is_grad_enabled():
             with torch.no_grad():
                 uncond = self.velocity(latents, sigma, *neg)
-            cond_v = self.velocity(latents, sigma, *cond)
-        else:
-            embeds, mask = pad_and_stack([neg[0], cond[0]], [neg[1], cond[1]])
-            pooled = torch.cat([neg[2], cond[2]])
-            uncond, cond_v = self.velocity(torch.cat([latents, latents]), sigma, embeds, mask, pooled).chunk(2)
-        return uncond + guidance * (cond_v - uncond)
+            return uncond, self.velocity(latents, sigma, *cond)
+        embeds, mask = pad_and_stack([neg[0], cond[0]], [neg[1], cond[1]])
+        pooled = torch.cat([neg[2], cond[2]])
+        uncond, cond_v = self.velocity(torch.cat([latents, latents]), sigma, embeds, mask, pooled).chunk(2)
+        return uncond, cond_v
 
     @torch.no_grad()
     def sample(

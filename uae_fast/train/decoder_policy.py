@@ -98,9 +98,30 @@ class DecoderPolicy:
         """[B, C, h, w] fp32 latents: the trajectories are kept in fp32 (the SDE's log-probs are)."""
         return self.decoder.initial_noise(seeds, self.config.size, self.config.size).float()
 
-    def velocity(self, latents: torch.Tensor, sigma, cond: tuple) -> torch.Tensor:
-        """The CFG-guided velocity (grad through the conditional branch only, under autograd)."""
-        return self.decoder.guided_velocity(latents, sigma, cond, guidance=self.config.guidance, negative=self.negative)
+    @property
+    def uses_cfg(self) -> bool:
+        return self.config.guidance > 1.0
+
+    def velocity(self, latents: torch.Tensor, sigma, cond: tuple, uncond: torch.Tensor | None = None) -> torch.Tensor:
+        """The CFG-guided velocity (grad through the conditional branch only, under autograd).
+
+        `uncond`: the negative branch's velocity at these latents under the current weights, when already known (the
+        rollout computed it and no optimizer step happened since): then only the conditional branch runs.
+        """
+        if uncond is None or not self.uses_cfg:
+            return self.decoder.guided_velocity(
+                latents, sigma, cond, guidance=self.config.guidance, negative=self.negative
+            )
+        cond_v = self.decoder.velocity(latents, sigma, *cond)
+        return uncond + self.config.guidance * (cond_v - uncond)
+
+    @torch.no_grad()
+    def rollout_velocity(self, latents: torch.Tensor, sigma, cond: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(guided velocity, the negative branch's velocity or None without CFG), both branches in one batch."""
+        if not self.uses_cfg:
+            return self.decoder.velocity(latents, sigma, *cond), None
+        uncond, cond_v = self.decoder.cfg_branches(latents, sigma, cond, self.negative)
+        return uncond + self.config.guidance * (cond_v - uncond), uncond
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.decoder.decode_latents(latents)

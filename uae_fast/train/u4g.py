@@ -41,6 +41,7 @@ class Trajectories:
     steps: list[int]  # the trained denoising steps j (transition x_j → x_{j+1})
     latents: torch.Tensor  # [B*G, len(steps), 2, C, h, w] fp32: (x_j, x_{j+1}) of each trained step
     log_probs: torch.Tensor  # [B*G, len(steps)] under the rollout policy
+    uncond: torch.Tensor | None  # [B*G, len(steps), C, h, w]: CFG's negative-branch velocity at each x_j (None: no CFG)
     renders: torch.Tensor  # [B*G, 3, H, W] in [0, 1]
     finite: torch.Tensor  # [B*G] bool: the trajectory stayed finite
     rewards: torch.Tensor | None = None  # [B*G], NaN where invalid
@@ -136,15 +137,16 @@ class U4GTrainer(StageTrainer):
         seeds = [stable_seed(cfg.seed, self.step, b, 0 if s.same_noise else k) for b in range(len(captions))
                  for k in range(g)]  # fmt: skip
         generator = torch.Generator(self.device).manual_seed(stable_seed(cfg.seed, self.step, 13))
-        pairs, log_probs, renders, finite = [], [], [], []
+        pairs, log_probs, unconds, renders, finite = [], [], [], [], []
         for start in range(0, len(seeds), cfg.decoder.batch_size):
             rows = torch.arange(start, min(start + cfg.decoder.batch_size, len(seeds)))
             x = self.policy.initial_noise([seeds[i] for i in rows])
             chunk_cond = tuple(t[rows // g] for t in cond)
-            kept, logp = [], []
+            kept, logp, kept_uncond = [], [], []
             for j in range(s.num_steps):
-                velocity = self.policy.velocity(x, sigmas[j], chunk_cond)
+                velocity, uncond = self.policy.rollout_velocity(x, sigmas[j], chunk_cond)
                 if j in steps:
+                    kept_uncond.append(uncond)
                     out = sde_step(
                         velocity, x, sigmas[j], sigmas[j + 1], noise_level=s.noise_level, sde_type=s.sde_type,
                         generator=generator,
@@ -157,11 +159,15 @@ class U4GTrainer(StageTrainer):
             ok = torch.isfinite(x).flatten(1).all(1) & torch.isfinite(torch.stack(logp, 1)).all(1)
             pairs.append(torch.stack(kept, dim=1))
             log_probs.append(torch.stack(logp, dim=1))
+            if self.policy.uses_cfg:
+                unconds.append(torch.stack(kept_uncond, dim=1))
             renders.append(self.policy.decode(torch.where(ok[:, None, None, None], x, 0.0)))
             finite.append(ok)
+        uncond = torch.cat(unconds) if unconds else None
         return Trajectories(
-            images, captions, cond, steps, torch.cat(pairs), torch.cat(log_probs), torch.cat(renders), torch.cat(finite)
-        )
+            images, captions, cond, steps, torch.cat(pairs), torch.cat(log_probs), uncond, torch.cat(renders),
+            torch.cat(finite),
+        )  # fmt: skip
 
     @torch.no_grad()
     def score(self, batch: Trajectories) -> None:
@@ -204,7 +210,9 @@ class U4GTrainer(StageTrainer):
                     if s.beta > 0:
                         with torch.no_grad(), self.policy.adapters_disabled():
                             ref = self.policy.velocity(x, sigmas[j], mb_cond)
-                    velocity = self.policy.velocity(x, sigmas[j], mb_cond)
+                    # Until the first optimizer step the weights are the rollout's: its negative branch is reused.
+                    uncond = batch.uncond[mb, k] if batch.uncond is not None and not norms else None
+                    velocity = self.policy.velocity(x, sigmas[j], mb_cond, uncond)
                     logp, kl = transition_logprob(
                         velocity, x, x_next, sigmas[j], sigmas[j + 1], noise_level=s.noise_level,
                         sde_type=s.sde_type, ref_velocity=ref,
