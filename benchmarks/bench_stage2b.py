@@ -269,7 +269,9 @@ def run_ours(paths: dict, args, clock: Clock, window: int = 0) -> dict:
         for phase in ("caption", "rollout", "score", "update"):
             setattr(trainer, phase, clock.wrap(getattr(trainer, phase), phase))
         trainer.policy.condition = clock.wrap(trainer.policy.condition, "condition")  # inside the rollout
-        trainer.policy.velocity = clock.before(trainer.policy.velocity)
+        for forward in ("velocity", "rollout_velocity"):  # the DiT forwards of its rollout and update
+            if hasattr(trainer.policy, forward):
+                setattr(trainer.policy, forward, clock.before(getattr(trainer.policy, forward)))
 
         def step():
             clock.times = {}
