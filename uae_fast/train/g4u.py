@@ -13,7 +13,6 @@ import contextlib
 import statistics
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -59,13 +58,11 @@ class G4UTrainer(StageTrainer):
     """
 
     def __init__(self, config: TrainConfig, *, uae=None, dataset: ImageDataset | None = None, reward=None, steps=None):
-        from .. import api
-
         self.config = config
         self.step = 0
         cfg = config
         torch.manual_seed(cfg.seed)
-        self.uae = uae or api.load(cfg.model, conditioning=cfg.decoder.conditioning, device=cfg.device, seed=cfg.seed)
+        self.uae = self.load_model(uae)
         self.device = self.uae.device
         self.policy = CaptionPolicy(self.uae.encoder, self.uae.processor, cfg.lora)
         self.reward = reward or ReconstructionReward.from_config(cfg.reward, device=self.device)
@@ -332,12 +329,3 @@ class G4UTrainer(StageTrainer):
             scores = torch.where(out.valid, out.rewards, float("nan")).tolist()
             columns[label] = (batch.captions, batch.reconstructions, scores)
         return columns
-
-    def finish(self, run_dir: Path) -> None:
-        """The trained model in the released layout (`final/`) and the reconstruction report (`report/`)."""
-        from .report import write_report
-
-        if self.config.save_final_model:
-            self.uae.save_pretrained(run_dir / "final")
-        if self.config.report_images:
-            write_report(self, run_dir)

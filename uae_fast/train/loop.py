@@ -3,7 +3,8 @@
 A stage's trainer subclasses :class:`StageTrainer` and says only what is its own: how it is built (setting
 `config`, `device`, `dataset` and, with :meth:`build_optimizer`, `optimizer` and `scheduler`), what one step does
 (:meth:`train_step`), which adapters it trains (:meth:`adapters`, saved in the released layout, and
-:meth:`optimizers`, their optimizers) and what it writes at the end (:meth:`finish`).
+:meth:`optimizers`, their optimizers) and, for the run's report, :meth:`report_columns`; :meth:`finish` writes the
+final model and the report.
 """
 
 from __future__ import annotations
@@ -56,10 +57,28 @@ class StageTrainer:
         (name,) = self.adapters()
         return {name: (self.optimizer, self.scheduler)}
 
+    def report_columns(self, images: list) -> dict:
+        """For the report: {"base": ..., "trained": ...}, each (captions, renders [N, 3, H, W], rewards) of `images`."""
+        raise NotImplementedError
+
     def finish(self, run_dir: Path) -> None:
-        """Write what the stage leaves after training (final model, report). Default: nothing."""
+        """What a run leaves: the trained model in the released layout (`final/`, loadable by `uae_fast.load`) and
+        the report (`report/`, from the stage's `report_columns`)."""
+        from .report import write_report
+
+        if self.config.save_final_model:
+            self.uae.save_pretrained(run_dir / "final")
+        if self.config.report_images:
+            write_report(self, run_dir)
 
     # ------------------------------------------------------------------ shared parts
+    def load_model(self, uae=None):
+        """`uae` when given (the unified schedule shares one), else the configured model on the configured device."""
+        from .. import api
+
+        cfg = self.config
+        return uae or api.load(cfg.model, conditioning=cfg.decoder.conditioning, device=cfg.device, seed=cfg.seed)
+
     def build_optimizer(self, params: list[torch.nn.Parameter], *, learning_rate: float, updates: int) -> None:
         """AdamW over `params` and the warmup + constant/linear/cosine schedule over `updates` optimizer steps."""
         cfg = self.config

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -61,13 +60,11 @@ class U4GTrainer(StageTrainer):
     """
 
     def __init__(self, config: TrainConfig, *, uae=None, dataset: ImageDataset | None = None, reward=None, steps=None):
-        from .. import api
-
         self.config = config
         self.step = 0
         cfg, s = config, config.u4g
         torch.manual_seed(cfg.seed)
-        self.uae = uae or api.load(cfg.model, conditioning=cfg.decoder.conditioning, device=cfg.device, seed=cfg.seed)
+        self.uae = self.load_model(uae)
         self.device = self.uae.device
         self.policy = DecoderPolicy(self.uae, cfg.decoder, s)
         self.reward = reward or ReconstructionReward.from_config(cfg.reward, device=self.device)
@@ -295,12 +292,3 @@ class U4GTrainer(StageTrainer):
             out = self.reward([im.pixels for im in images], renders, num_generations=1)
             columns[label] = (captions, renders, torch.where(out.valid, out.rewards, float("nan")).tolist())
         return columns
-
-    def finish(self, run_dir: Path) -> None:
-        """The trained model in the released layout (`final/`, with `dit_lora/`) and the report (`report/`)."""
-        from .report import write_report
-
-        if self.config.save_final_model:
-            self.uae.save_pretrained(run_dir / "final")
-        if self.config.report_images:
-            write_report(self, run_dir)

@@ -10,7 +10,6 @@ whenever 2a has changed the captioner.
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import torch
 
@@ -32,13 +31,12 @@ class UnifiedTrainer(StageTrainer):
     """
 
     def __init__(self, config: TrainConfig, *, uae=None):
-        from .. import api
         from ..rewards.reconstruction import ReconstructionReward
 
         cfg = config
         self.config = config
         self.step = 0
-        self.uae = uae or api.load(cfg.model, conditioning=cfg.decoder.conditioning, device=cfg.device, seed=cfg.seed)
+        self.uae = self.load_model(uae)
         self.device = self.uae.device
         self.dataset = ImageDataset(cfg.data, seed=cfg.seed)
         reward = ReconstructionReward.from_config(cfg.reward, device=self.device)
@@ -86,12 +84,3 @@ class UnifiedTrainer(StageTrainer):
             out = self.u4g.reward([im.pixels for im in images], renders, num_generations=1)
             columns[label] = (captions, renders, torch.where(out.valid, out.rewards, float("nan")).tolist())
         return columns
-
-    def finish(self, run_dir: Path) -> None:
-        """`final/` with both `llm_lora/` and `dit_lora/` (loadable by `uae_fast.load`) and the report."""
-        from .report import write_report
-
-        if self.config.save_final_model:
-            self.uae.save_pretrained(run_dir / "final")
-        if self.config.report_images:
-            write_report(self, run_dir)
