@@ -4,9 +4,8 @@ One step: draw B images → caption each with the frozen captioner (cached) and 
 once → render G images per caption from different noise (one noise with `u4g.same_noise`) with the SDE sampler,
 keeping each trained step's transition and log-probability (`rollout`) → reward = similarity of each render to the
 *source image*, group advantages per caption (`score`) → PPO-clipped update of the DiT's LoRA over the trained steps
-(`update`). The
-reference policy is the DiT with its adapters disabled; Flow-GRPO-Fast's window (`u4g.sde_window_size`) samples and
-trains a few consecutive steps only, the others being deterministic Euler steps.
+(`update`). The reference policy is the DiT with its adapters disabled; Flow-GRPO-Fast's window
+(`u4g.sde_window_size`) samples and trains a few consecutive steps only, the others being deterministic Euler steps.
 """
 
 from __future__ import annotations
