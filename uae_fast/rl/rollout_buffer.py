@@ -18,8 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from uae_fast.rl.grpo import GroupAdvantages, group_advantages
-
 __all__ = ["MicroBatch", "PackedBatches", "RolloutBuffer", "pack_sequences"]
 
 _SAMPLE_FIELDS = ("prompt_id", "group_id", "prompt_len", "reward", "advantage", "truncated", "skipped")
@@ -250,18 +248,6 @@ class RolloutBuffer:
             raise IndexError(f"sample {index} out of range for a buffer of {len(self)}")
         off = self.view("offsets")
         return self.view("tokens")[off[index] : off[index + 1]]
-
-    def compute_advantages(self, *, scale_rewards: str = "group", eps: float = 1e-4) -> GroupAdvantages:
-        """Fills ``advantage`` with :func:`uae_fast.rl.grpo.group_advantages` over ``group_id`` (the project's one
-        advantage formula) and returns its statistics. Skipped samples and missing (NaN) or infinite rewards are
-        left out of their group's statistics, get advantage 0 and are counted in ``num_invalid_rewards``."""
-        rewards = torch.from_numpy(self.view("reward").copy())
-        rewards[torch.from_numpy(self.view("skipped").copy())] = float("nan")
-        out = group_advantages(
-            rewards, scale_rewards=scale_rewards, eps=eps, group_ids=torch.from_numpy(self.view("group_id").copy())
-        )
-        self.view("advantage")[:] = out.advantages.numpy()
-        return out
 
     def pack(
         self,
