@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -53,6 +52,7 @@ from utils import (  # noqa: E402
     measure_peak_in_child,
     peak_rss_mb,
     reset_peak_rss,
+    summarise_child_runs,
 )
 
 __all__ = ["DecoderReward", "run_trl", "run_ours", "main"]
@@ -329,18 +329,6 @@ def _child(args) -> None:
     child_report(RUNNERS[args.child](json.loads(args.paths), args))
 
 
-def _summarise(results: list[dict]) -> dict:
-    steps = [s for r in results for s in r["steps"]]
-    med = {k: statistics.median(s[k] for s in steps) for k in steps[0]}
-    return {
-        **med,
-        "peak_add": statistics.median(r["peak_mb"] - r["baseline_mb"] for r in results),
-        "peak_total": statistics.median(r["peak_mb"] for r in results),
-        "baseline": statistics.median(r["baseline_mb"] for r in results),
-        "n_steps": len(steps),
-    }
-
-
 def _row(name: str, s: dict, peer: dict | None) -> dict:
     n = BATCH * GENERATIONS
     return {
@@ -398,7 +386,7 @@ def main(argv=None) -> None:
             start = time.perf_counter()
             results[variant].append(measure_peak_in_child(__file__, [*passed, "--child", variant]))
             print(f"[round {round_ + 1}] {variant}: child took {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    summary = {v: _summarise(r) for v, r in results.items() if r}
+    summary = {v: summarise_child_runs(r) for v, r in results.items() if r}
     # Ratios are against the stronger TRL configuration that was run.
     peer = summary.get("trl") or summary.get("trl-cpu")
     rows = [_row(NAMES[v], summary[v], peer if v == "ours" else None) for v in RUNNERS if v in summary]

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -46,7 +45,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from stage2b_setup import Clock, Ring, run_round  # noqa: E402
-from utils import child_report, current_rss_mb, fmt_ratio, markdown_table, peak_rss_mb, reset_peak_rss  # noqa: E402
+from utils import (  # noqa: E402
+    child_report,
+    current_rss_mb,
+    fmt_ratio,
+    markdown_table,
+    peak_rss_mb,
+    reset_peak_rss,
+    summarise_child_runs,
+)
 
 __all__ = ["SETTINGS", "FlowGRPOPeer", "ours_config", "run_ours", "run_peer", "main"]
 
@@ -308,18 +315,6 @@ NAMES = {
 }
 
 
-def _summarise(results: list[dict]) -> dict:
-    steps = [s for r in results for s in r["steps"]]
-    med = {k: statistics.median(s[k] for s in steps) for k in steps[0]}
-    return {
-        **med,
-        "peak_add": statistics.median(r["peak_mb"] - r["baseline_mb"] for r in results),
-        "peak_total": statistics.median(r["peak_mb"] for r in results),
-        "baseline": statistics.median(r["baseline_mb"] for r in results),
-        "n_steps": len(steps),
-    }
-
-
 def _row(name: str, s: dict, peer: dict | None) -> dict:
     n = SETTINGS["num_generations"] * SETTINGS["captions_per_step"]
     return {
@@ -385,7 +380,7 @@ def main(argv=None) -> None:
         for variant, result in run_round(__file__, args.variants, passed).items():
             results[variant].append(result)
         print(f"[round {round_ + 1}] took {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    summary = {v: _summarise(r) for v, r in results.items() if r}
+    summary = {v: summarise_child_runs(r) for v, r in results.items() if r}
     peer = summary.get("peer")
     rows = [_row(NAMES[v], summary[v], peer if v != "peer" else None) for v in RUNNERS if v in summary]
     s, counts = SETTINGS, ", ".join(f"{v}: {x['n_steps']}" for v, x in summary.items())

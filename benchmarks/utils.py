@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 __all__ = [
     "interleaved_medians",
+    "summarise_child_runs",
     "reset_peak_rss",
     "peak_rss_mb",
     "current_rss_mb",
@@ -85,6 +86,20 @@ def measure_peak_in_child(script: str, args: Sequence[str], env: dict | None = N
         if line.startswith(_CHILD_MARK):
             return json.loads(line[len(_CHILD_MARK) :])
     raise RuntimeError(f"child {script} {' '.join(args)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+
+
+def summarise_child_runs(results: list[dict]) -> dict:
+    """Medians over child runs that each reported `steps` (a list of per-step timing dicts), `peak_mb` and
+    `baseline_mb`: every timing key, plus `peak_add` (peak − baseline), `peak_total`, `baseline` and `n_steps`."""
+    steps = [s for r in results for s in r["steps"]]
+    med = {k: statistics.median(s[k] for s in steps) for k in steps[0]}
+    return {
+        **med,
+        "peak_add": statistics.median(r["peak_mb"] - r["baseline_mb"] for r in results),
+        "peak_total": statistics.median(r["peak_mb"] for r in results),
+        "baseline": statistics.median(r["baseline_mb"] for r in results),
+        "n_steps": len(steps),
+    }
 
 
 def fmt_ratio(ours: float, theirs: float) -> str:
