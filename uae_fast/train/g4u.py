@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UAEError
-from ..rewards.reconstruction import ReconstructionReward
 from ..rl.grpo import GroupAdvantages, PackedCompletions, completion_logprobs, group_advantages, grpo_loss
 from ..rl.rollout_buffer import RolloutBuffer
 from .config import TrainConfig
@@ -58,15 +57,9 @@ class G4UTrainer(StageTrainer):
     """
 
     def __init__(self, config: TrainConfig, *, uae=None, dataset: ImageDataset | None = None, reward=None, steps=None):
-        self.config = config
-        self.step = 0
+        self.setup(config, uae=uae, dataset=dataset, reward=reward)
         cfg = config
-        torch.manual_seed(cfg.seed)
-        self.uae = self.load_model(uae)
-        self.device = self.uae.device
         self.policy = CaptionPolicy(self.uae.encoder, self.uae.processor, cfg.lora)
-        self.reward = reward or ReconstructionReward.from_config(cfg.reward, device=self.device)
-        self.dataset = dataset or ImageDataset(cfg.data, seed=cfg.seed)
         self.buffer = RolloutBuffer()
         self.build_optimizer(
             self.policy.trainable_parameters(),

@@ -1,7 +1,7 @@
 """The run loop every stage shares: run folder, resume, steps, logging, checkpoints, the final outputs.
 
-A stage's trainer subclasses :class:`StageTrainer` and says only what is its own: how it is built (setting
-`config`, `device`, `dataset` and, with :meth:`build_optimizer`, `optimizer` and `scheduler`), what one step does
+A stage's trainer subclasses :class:`StageTrainer` and says only what is its own: how it is built (:meth:`setup` gives
+the config, model, device, reward and images; :meth:`build_optimizer` the optimizer and schedule), what one step does
 (:meth:`train_step`), which adapters it trains (:meth:`adapters`, saved in the released layout, and
 :meth:`optimizers`, their optimizers) and, for the run's report, :meth:`report_columns`; :meth:`finish` writes the
 final model and the report.
@@ -72,12 +72,22 @@ class StageTrainer:
             write_report(self, run_dir)
 
     # ------------------------------------------------------------------ shared parts
-    def load_model(self, uae=None):
-        """`uae` when given (the unified schedule shares one), else the configured model on the configured device."""
+    def setup(self, config, *, uae=None, dataset=None, reward=None) -> None:
+        """What every stage starts from: `config`, step 0, the seeded RNG, the model, its device, the reward and the
+        image stream — the given ones (the unified schedule's stages share them) or new ones from the config."""
         from .. import api
+        from ..rewards.reconstruction import ReconstructionReward
+        from .data import ImageDataset
 
-        cfg = self.config
-        return uae or api.load(cfg.model, conditioning=cfg.decoder.conditioning, device=cfg.device, seed=cfg.seed)
+        self.config, self.step = config, 0
+        torch.manual_seed(config.seed)
+        self.uae = uae or api.load(
+            config.model, conditioning=config.decoder.conditioning, device=config.device, seed=config.seed
+        )
+        self.device = self.uae.device
+        # Neither touches the global RNG (the tiny backbones fork it), so the adapters' init does not depend on them.
+        self.reward = reward or ReconstructionReward.from_config(config.reward, device=self.device)
+        self.dataset = dataset or ImageDataset(config.data, seed=config.seed)
 
     def build_optimizer(self, params: list[torch.nn.Parameter], *, learning_rate: float, updates: int) -> None:
         """AdamW over `params` and the warmup + constant/linear/cosine schedule over `updates` optimizer steps."""

@@ -17,7 +17,6 @@ import torch
 
 from ..errors import UAEError
 from ..models.decoder import ode_step
-from ..rewards.reconstruction import ReconstructionReward
 from ..rl.flow_grpo import flow_grpo_loss, sde_step, transition_logprob
 from ..rl.grpo import GroupAdvantages, group_advantages
 from .config import TrainConfig
@@ -60,15 +59,9 @@ class U4GTrainer(StageTrainer):
     """
 
     def __init__(self, config: TrainConfig, *, uae=None, dataset: ImageDataset | None = None, reward=None, steps=None):
-        self.config = config
-        self.step = 0
+        self.setup(config, uae=uae, dataset=dataset, reward=reward)
         cfg, s = config, config.u4g
-        torch.manual_seed(cfg.seed)
-        self.uae = self.load_model(uae)
-        self.device = self.uae.device
         self.policy = DecoderPolicy(self.uae, cfg.decoder, s)
-        self.reward = reward or ReconstructionReward.from_config(cfg.reward, device=self.device)
-        self.dataset = dataset or ImageDataset(cfg.data, seed=cfg.seed)
         self.captions: dict[str, str] = {}  # image key → caption (greedy: whole run; sampled: this epoch)
         self.captions_epoch = self.dataset.epoch
         updates = (cfg.max_steps if steps is None else steps) * s.num_updates

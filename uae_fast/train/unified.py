@@ -14,7 +14,7 @@ import contextlib
 import torch
 
 from .config import TrainConfig
-from .data import ImageDataset, TrainImage
+from .data import TrainImage
 from .g4u import G4UTrainer
 from .loop import StageTrainer
 from .u4g import U4GTrainer
@@ -31,17 +31,10 @@ class UnifiedTrainer(StageTrainer):
     """
 
     def __init__(self, config: TrainConfig, *, uae=None):
-        from ..rewards.reconstruction import ReconstructionReward
-
+        self.setup(config, uae=uae)
         cfg = config
-        self.config = config
-        self.step = 0
-        self.uae = self.load_model(uae)
-        self.device = self.uae.device
-        self.dataset = ImageDataset(cfg.data, seed=cfg.seed)
-        reward = ReconstructionReward.from_config(cfg.reward, device=self.device)
         g4u_steps = sum(self.stage_at(k) == "g4u" for k in range(cfg.max_steps))
-        shared = {"uae": self.uae, "dataset": self.dataset, "reward": reward}
+        shared = {"uae": self.uae, "dataset": self.dataset, "reward": self.reward}
         self.g4u = G4UTrainer(config, **shared, steps=g4u_steps)
         self.u4g = U4GTrainer(config, **shared, steps=cfg.max_steps - g4u_steps)
 
