@@ -14,47 +14,15 @@ render size) made stage 2b pass on the tiny preset; the test is a strict xfail u
 
 from __future__ import annotations
 
-import statistics
-
 import pytest
-import torch
-
-from uae_fast.train import load_train_config
-from uae_fast.train.u4g import U4GTrainer
 
 STEPS = 30
-
-
-def _rewards(tmp_path, seed: int, negate: bool) -> tuple[list[float], float]:
-    config = load_train_config(
-        "u4g_tiny",
-        [f"output_dir={tmp_path}", f"seed={seed}", f"negate_advantages={str(negate).lower()}", f"max_steps={STEPS}"],
-    )
-    trainer = U4GTrainer(config)
-    metrics = [trainer.train_step() for _ in range(config.max_steps)]
-    return [m["reward"] for m in metrics], metrics[0]["reward_std"]
-
-
-@pytest.fixture
-def one_thread():
-    """The tiny models gain nothing from a second thread, and on shared cores two threads can run 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="stage 2b does not yet learn on the tiny preset (README 'Does stage 2b learn?')")
 @pytest.mark.parametrize("seed", [8900, 8901])
-def test_decoder_reward_rises_with_advantages_and_not_against_them(tmp_path, seed, one_thread):
-    plus, sigma0 = _rewards(tmp_path / "plus", seed, negate=False)
-    minus, _ = _rewards(tmp_path / "minus", seed, negate=True)
-
-    def delta(r):
-        return statistics.mean(r[-5:]) - statistics.mean(r[:5])
-
-    assert sigma0 > 0
-    gain, control = delta(plus) / sigma0, delta(minus) / sigma0
+def test_decoder_reward_rises_with_advantages_and_not_against_them(tmp_path, seed, control_pair):
+    gain, control = control_pair("u4g_tiny", tmp_path, seed, [f"max_steps={STEPS}"])
     assert gain > 0, f"Δ(+) = {gain:.2f}σ₀ <= 0"
     assert gain - control >= 5.0, f"Δ(+) − Δ(−) = {gain - control:.2f}σ₀ < 5σ₀ (Δ(−) = {control:.2f}σ₀)"

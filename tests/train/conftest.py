@@ -1,0 +1,41 @@
+"""Fixtures of the training tests."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def control_pair():
+    """Train a shipped config twice with the same seed — as is and with the advantages negated — on one thread, and
+    return (Δ(+)/σ₀, Δ(−)/σ₀): σ₀ = within-group reward std at step 1, Δ = mean reward of the last 5 steps − the
+    first 5 (the learning criterion's quantities; each test asserts its own thresholds)."""
+    from uae_fast.train import G4UTrainer, U4GTrainer, load_train_config
+
+    trainers = {"g4u": G4UTrainer, "u4g": U4GTrainer}
+    threads = torch.get_num_threads()
+    # The tiny models gain nothing from a second thread, and on shared cores two threads can run 10x slower.
+    torch.set_num_threads(1)
+
+    def rewards(config_name: str, run_dir, seed: int, negate: bool, overrides: list[str]):
+        settings = [f"output_dir={run_dir}", f"seed={seed}", f"negate_advantages={str(negate).lower()}", *overrides]
+        config = load_train_config(config_name, settings)
+        trainer = trainers[config.stage](config)
+        metrics = [trainer.train_step() for _ in range(config.max_steps)]
+        return [m["reward"] for m in metrics], metrics[0]["reward_std"]
+
+    def run(config_name: str, tmp_path, seed: int, overrides: list[str] = ()) -> tuple[float, float]:
+        plus, sigma0 = rewards(config_name, tmp_path / "plus", seed, False, list(overrides))
+        minus, _ = rewards(config_name, tmp_path / "minus", seed, True, list(overrides))
+        assert sigma0 > 0
+
+        def delta(r):
+            return statistics.mean(r[-5:]) - statistics.mean(r[:5])
+
+        return delta(plus) / sigma0, delta(minus) / sigma0
+
+    yield run
+    torch.set_num_threads(threads)
