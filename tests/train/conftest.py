@@ -39,3 +39,27 @@ def control_pair():
 
     yield run
     torch.set_num_threads(threads)
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.fixture
+def kill_at_step():
+    """`kill_at_step(trainer, k)`: run `trainer.train()` and die (as a killed job would) before step k + 1, after
+    the checkpoints of steps <= k were written."""
+
+    def run(trainer, k: int) -> None:
+        step = trainer.train_step
+
+        def dying_step():
+            if trainer.step == k:
+                raise _Killed
+            return step()
+
+        trainer.train_step = dying_step
+        with pytest.raises(_Killed):
+            trainer.train()
+
+    return run

@@ -185,27 +185,14 @@ def test_empty_dataset_is_a_clear_error(tmp_path):
         make(tmp_path / "run", f"data.images={tmp_path / 'empty'}")
 
 
-class _Killed(Exception):
-    pass
-
-
-def test_resume_is_exact(tmp_path):
+def test_resume_is_exact(tmp_path, kill_at_step):
     """4 steps straight == 2 steps, a crash, then resume to 4: same adapter weights, bit for bit (CPU, fp32)."""
     common = ["max_steps=4", "save_steps=2", "lora.dropout=0.1"]  # dropout: the global RNG must be restored too
     straight = make(tmp_path / "a", *common)
     straight.train()
 
     interrupted = make(tmp_path / "b", *common)
-    step = interrupted.train_step
-
-    def crash_after_two():
-        if interrupted.step == 2:
-            raise _Killed
-        return step()
-
-    interrupted.train_step = crash_after_two
-    with pytest.raises(_Killed):
-        interrupted.train()
+    kill_at_step(interrupted, 2)
     resumed = make(tmp_path / "b", *common, "resume=auto")
     resumed.train()
     assert resumed.step == 4

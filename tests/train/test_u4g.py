@@ -34,10 +34,6 @@ def _one_rollout(trainer):
     return batch
 
 
-class _Killed(Exception):
-    pass
-
-
 def test_stored_transitions_reproduce_their_log_probs(tmp_path):
     """Each kept (x_j, x_j+1) pair, re-scored by the policy that sampled it, gives the stored log-prob: the
     trajectories, steps, conditioning and log-probs line up row by row (and the on-policy ratio is 1)."""
@@ -217,22 +213,13 @@ def test_bad_settings_are_one_line_errors_at_load(tmp_path, override, message):
     assert "\n" not in str(err.value)
 
 
-def test_resume_is_exact(tmp_path):
+def test_resume_is_exact(tmp_path, kill_at_step):
     """4 steps straight == 2 steps, a crash, then resume to 4: same DiT adapters, bit for bit (CPU, fp32)."""
     common = ["max_steps=4", "save_steps=2", "u4g.captions=sample", "u4g.beta=0.1"]
     straight = make(tmp_path / "a", *common)
     straight.train()
     interrupted = make(tmp_path / "b", *common)
-    step = interrupted.train_step
-
-    def crash_after_two():
-        if interrupted.step == 2:
-            raise _Killed
-        return step()
-
-    interrupted.train_step = crash_after_two
-    with pytest.raises(_Killed):
-        interrupted.train()
+    kill_at_step(interrupted, 2)
     resumed = make(tmp_path / "b", *common, "resume=auto")
     resumed.train()
     a, b = _dit_lora(straight), _dit_lora(resumed)
@@ -248,20 +235,11 @@ def _unified(tmp_path, *overrides):
     return UnifiedTrainer(load_train_config("unified_tiny", [*base, *FAST, *overrides]))
 
 
-def test_unified_resume_killed_inside_stage_2b_is_exact(tmp_path):
+def test_unified_resume_killed_inside_stage_2b_is_exact(tmp_path, kill_at_step):
     straight = _unified(tmp_path / "a")
     straight.train()
     interrupted = _unified(tmp_path / "b")
-    step = interrupted.train_step
-
-    def crash_in_2b():
-        if interrupted.step == 3:  # steps 1-2 were stage 2a, step 3 stage 2b: die before step 4
-            raise _Killed
-        return step()
-
-    interrupted.train_step = crash_in_2b
-    with pytest.raises(_Killed):
-        interrupted.train()
+    kill_at_step(interrupted, 3)  # steps 1-2 were stage 2a, step 3 stage 2b: die before step 4
     resumed = _unified(tmp_path / "b", "resume=auto")
     resumed.train()
     for name in ("llm_lora", "dit_lora"):
