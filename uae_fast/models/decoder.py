@@ -20,7 +20,7 @@ from torch import nn
 
 from .attention import use_masked_joint_attention
 
-__all__ = ["TextEncoders", "UAEDecoder", "clip_pooled_embeds", "ode_step", "pad_and_stack"]
+__all__ = ["TextEncoders", "UAEDecoder", "cfg_mix", "clip_pooled_embeds", "ode_step", "pad_and_stack"]
 
 
 @dataclass
@@ -62,6 +62,11 @@ def ode_step(latents: torch.Tensor, velocity: torch.Tensor, sigma, sigma_next) -
     """The deterministic Euler step x + (σ' − σ)·v, in fp32: the latent update is the one place where bf16 rounding
     would accumulate over steps. Returns the latents in their input dtype."""
     return (latents.float() + (sigma_next - sigma) * velocity.float()).to(latents.dtype)
+
+
+def cfg_mix(uncond: torch.Tensor, cond: torch.Tensor, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance: `uncond + guidance · (cond − uncond)`."""
+    return uncond + guidance * (cond - uncond)
 
 
 class UAEDecoder(nn.Module):
@@ -208,8 +213,7 @@ class UAEDecoder(nn.Module):
         """
         if guidance <= 1.0:
             return self.velocity(latents, sigma, *cond)
-        uncond, cond_v = self.cfg_branches(latents, sigma, cond, negative)
-        return uncond + guidance * (cond_v - uncond)
+        return cfg_mix(*self.cfg_branches(latents, sigma, cond, negative), guidance)
 
     def cfg_branches(self, latents, sigma, cond: tuple, negative: tuple | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(negative-prompt velocity, conditional velocity) for CFG.

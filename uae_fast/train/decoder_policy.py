@@ -11,6 +11,7 @@ import contextlib
 import torch
 
 from ..errors import ConfigError
+from ..models.decoder import cfg_mix
 from .config import DecoderConfig, U4GSettings
 
 __all__ = ["DecoderPolicy", "caption_conditioning"]
@@ -77,7 +78,7 @@ class DecoderPolicy:
     def refresh_conditioning(self) -> None:
         """(Re)compute the negative prompt's conditioning: at start, and when the captioner's LLM changed."""
         self.negative = None
-        if self.config.guidance > 1.0:
+        if self.uses_cfg:
             with caption_conditioning(self.uae, self.config):
                 self.uae.clear_conditioning_cache()
                 self.negative = self.uae.negative_conditioning()
@@ -112,8 +113,7 @@ class DecoderPolicy:
             return self.decoder.guided_velocity(
                 latents, sigma, cond, guidance=self.config.guidance, negative=self.negative
             )
-        cond_v = self.decoder.velocity(latents, sigma, *cond)
-        return uncond + self.config.guidance * (cond_v - uncond)
+        return cfg_mix(uncond, self.decoder.velocity(latents, sigma, *cond), self.config.guidance)
 
     @torch.no_grad()
     def rollout_velocity(self, latents: torch.Tensor, sigma, cond: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -121,7 +121,7 @@ class DecoderPolicy:
         if not self.uses_cfg:
             return self.decoder.velocity(latents, sigma, *cond), None
         uncond, cond_v = self.decoder.cfg_branches(latents, sigma, cond, self.negative)
-        return uncond + self.config.guidance * (cond_v - uncond), uncond
+        return cfg_mix(uncond, cond_v, self.config.guidance), uncond
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.decoder.decode_latents(latents)
