@@ -196,7 +196,7 @@ class FlowGRPOPeer:
         g = self.s.num_generations
         out = self.reward([im.pixels for im in images], renders, source_ids=[im.key for im in images],
                           num_generations=g)  # fmt: skip
-        rewards = torch.where(out.valid, out.rewards, float("nan"))
+        rewards = out.with_nan()
         advantages = group_advantages(rewards, g, self.s.scale_rewards).advantages
         return advantages.clamp(-self.s.adv_clip_max, self.s.adv_clip_max)
 

@@ -258,7 +258,7 @@ class UAE:
         scores = None
         if reward is not None:
             out = reward(pil, recon, num_generations=num_generations)
-            scores = torch.where(out.valid, out.rewards, float("nan")).tolist()
+            scores = out.with_nan().tolist()
         return Reconstruction(captions, tensors_to_pil(recon), scores)
 
     def save_pretrained(self, path: str | Path) -> Path:

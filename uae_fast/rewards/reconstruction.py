@@ -60,6 +60,10 @@ class RewardOutput:
     def num_invalid(self) -> int:
         return int((~self.valid).sum())
 
+    def with_nan(self) -> torch.Tensor:
+        """[N] rewards with NaN where invalid: the form advantages and reports take (NaN is left out, never fed on)."""
+        return torch.where(self.valid, self.rewards, float("nan"))
+
 
 class ReconstructionReward:
     """Σ_k w_k · cos(f_k(src), f_k(rec)) over B sources and their G reconstructions each.

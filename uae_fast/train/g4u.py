@@ -123,7 +123,7 @@ class G4UTrainer(StageTrainer):
             source_ids=[im.key for im in batch.images],
             num_generations=cfg.num_generations,
         )
-        batch.rewards = torch.where(out.valid, out.rewards, float("nan"))
+        batch.rewards = out.with_nan()
         batch.stats = group_advantages(batch.rewards, cfg.num_generations, cfg.loss.scale_rewards)
         sign = -1.0 if cfg.negate_advantages else 1.0
         batch.advantages = sign * batch.stats.advantages
@@ -319,6 +319,6 @@ class G4UTrainer(StageTrainer):
                 batch = RolloutBatch(images, encoded, completions, self.policy.decode(completions), seeds)
                 self.reconstruct(batch)
             out = self.reward([im.pixels for im in images], batch.reconstructions, num_generations=1)
-            scores = torch.where(out.valid, out.rewards, float("nan")).tolist()
+            scores = out.with_nan().tolist()
             columns[label] = (batch.captions, batch.reconstructions, scores)
         return columns

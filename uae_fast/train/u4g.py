@@ -170,7 +170,7 @@ class U4GTrainer(StageTrainer):
             num_generations=s.num_generations,
             failed=~batch.finite,
         )
-        batch.rewards = torch.where(out.valid, out.rewards, float("nan"))
+        batch.rewards = out.with_nan()
         batch.stats = group_advantages(batch.rewards, s.num_generations, s.scale_rewards)
         sign = -1.0 if cfg.negate_advantages else 1.0
         batch.advantages = sign * batch.stats.advantages.clamp(-s.adv_clip_max, s.adv_clip_max)
@@ -283,5 +283,5 @@ class U4GTrainer(StageTrainer):
         for label, trained in (("base", False), ("trained", True)):
             renders = self.policy.render(captions, seeds, steps=self.config.u4g.eval_num_steps, adapters=trained)
             out = self.reward([im.pixels for im in images], renders, num_generations=1)
-            columns[label] = (captions, renders, torch.where(out.valid, out.rewards, float("nan")).tolist())
+            columns[label] = (captions, renders, out.with_nan().tolist())
         return columns

@@ -75,5 +75,5 @@ class UnifiedTrainer(StageTrainer):
                 )
                 renders = self.u4g.policy.render(captions, seeds, steps=cfg.u4g.eval_num_steps)
             out = self.u4g.reward([im.pixels for im in images], renders, num_generations=1)
-            columns[label] = (captions, renders, torch.where(out.valid, out.rewards, float("nan")).tolist())
+            columns[label] = (captions, renders, out.with_nan().tolist())
         return columns
