@@ -216,7 +216,6 @@ class U4GTrainer(StageTrainer):
                     (loss * (len(mb) / (len(rows) * len(batch.steps)))).backward()
                     for key, value in {"loss": loss.detach(), **m}.items():
                         metrics.setdefault(key, []).append(float(value) * len(mb) / len(rows) / len(batch.steps))
-                    metrics.setdefault("logprob/mean", []).append(float(logp.detach().mean()))
             params = self.policy.trainable_parameters()
             limit = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
             norms.append(float(torch.nn.utils.clip_grad_norm_(params, limit)))
@@ -224,9 +223,7 @@ class U4GTrainer(StageTrainer):
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         parts = max(len(norms), 1)
-        out = {k: sum(v) / parts for k, v in metrics.items() if k != "logprob/mean"}
-        if "logprob/mean" in metrics:
-            out["logprob/mean"] = sum(metrics["logprob/mean"]) / len(metrics["logprob/mean"])
+        out = {k: sum(v) / parts for k, v in metrics.items()}
         out["grad_norm"] = sum(norms) / parts
         out["update/renders"] = int(use.sum())
         return out
