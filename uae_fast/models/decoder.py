@@ -265,6 +265,15 @@ class UAEDecoder(nn.Module):
         return self.decode_latents(latents)
 
     @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """VAE encode with SD3's scaling/shift (the inverse of :meth:`decode_latents`): images [B, 3, H, W] in [0, 1]
+        → latents [B, C, H/8, W/8] in the DiT's dtype, sampled from the VAE's posterior with `generator`."""
+        cfg = self.vae.config
+        posterior = self.vae.encode(images.to(self.device, self.dtype) * 2 - 1).latent_dist
+        latents = posterior.sample(generator=generator)
+        return (latents - cfg.shift_factor) * cfg.scaling_factor
+
+    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE decode with SD3's scaling/shift. Returns [B, 3, H, W] float32 in [0, 1]."""
         cfg = self.vae.config

@@ -16,12 +16,15 @@ from ..data.images import DEFAULT_MAX_IMAGE_PIXELS
 from ..errors import ConfigError
 from ..rewards.config import RewardConfig
 from ..rl.config import SCALE_REWARDS, SDE_TYPES, GRPOLossConfig
+from .settings import DIT_ATTENTION_PROJECTIONS, ColdStartSettings, LoraSettings, PretrainSettings
 
 __all__ = [
     "STAGES",
     "DataConfig",
     "DecoderConfig",
+    "ColdStartSettings",
     "LoraSettings",
+    "PretrainSettings",
     "TrainConfig",
     "U4GSettings",
     "UnifiedSettings",
@@ -30,7 +33,7 @@ __all__ = [
     "shipped_configs",
 ]
 
-STAGES = ("g4u", "u4g", "unified")
+STAGES = ("g4u", "u4g", "unified", "pretrain", "cold_start")
 SCHEDULERS = ("constant", "linear", "cosine")
 DECODERS = ("auto", "dali", "dali-cpu", "dali-mixed", "cpu")
 
@@ -40,7 +43,13 @@ class DataConfig:
     images: str = field(
         default="demo", metadata={"help": "folder of training images, or 'demo' for the bundled photographs"}
     )
+    shards: str | None = field(
+        default=None,
+        metadata={"help": "image-caption pairs instead of data.images: a folder of WebDataset .tar shards, a brace "
+                  "pattern (/data/shard-{000000..000099}.tar), or a folder with captions.jsonl"},
+    )  # fmt: skip
     shuffle: bool = field(default=True, metadata={"help": "reshuffle the images every epoch (seeded)"})
+    shuffle_buffer: int = field(default=1000, metadata={"help": "shards: samples in the shuffle buffer"})
     on_bad_image: str = field(default="skip", metadata={"help": "'skip' (count and go on) or 'abort'"})
     max_image_pixels: int = field(default=DEFAULT_MAX_IMAGE_PIXELS, metadata={"help": "refuse larger images"})
     decoder: str = field(
@@ -57,12 +66,16 @@ class DataConfig:
             raise ConfigError(f"data.decode_threads must be >= 1, got {self.decode_threads}")
         if self.on_bad_image not in ("skip", "abort"):
             raise ConfigError(f"data.on_bad_image must be 'skip' or 'abort', got {self.on_bad_image!r}")
-        if not self.images:
+        if not self.images and not self.shards:
             raise ConfigError("no training data: set data.images=/path/to/folder (or data.images=demo)")
+        if self.shards and self.images not in ("demo", None, ""):
+            raise ConfigError("set data.images or data.shards, not both")
+        if self.shuffle_buffer < 1:
+            raise ConfigError(f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
 
     @property
     def demo(self) -> bool:
-        return self.images == "demo"
+        return not self.shards and self.images == "demo"
 
 
 @dataclass
@@ -96,24 +109,6 @@ class DecoderConfig:
             raise ConfigError(f"decoder.batch_size must be >= 1, got {self.batch_size}")
 
 
-@dataclass
-class LoraSettings:
-    r: int = field(default=32, metadata={"help": "LoRA rank (the release: 32)"})
-    alpha: int = field(default=64, metadata={"help": "LoRA alpha (the release: 64)"})
-    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
-    train_embeddings: bool = field(
-        default=False, metadata={"help": "also train the token embeddings (a full copy, saved with the adapter)"}
-    )
-
-    def __post_init__(self):
-        if self.r < 1 or self.alpha <= 0:
-            raise ConfigError(f"lora.r must be >= 1 and lora.alpha > 0, got r={self.r}, alpha={self.alpha}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
-
-
-# The DiT's attention projections (image stream and caption stream): Flow-GRPO's LoRA targets for SD3.
-DIT_ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 CAPTION_MODES = ("greedy", "sample")
 UNIFIED_SCHEDULES = ("sequential", "alternate")
 
@@ -277,6 +272,12 @@ class TrainConfig:
     loss: GRPOLossConfig = field(default_factory=GRPOLossConfig)
     u4g: U4GSettings = field(default_factory=U4GSettings, metadata={"help": "stage 2b (Flow-GRPO on the decoder)"})
     unified: UnifiedSettings = field(default_factory=UnifiedSettings, metadata={"help": "the Unified-GRPO schedule"})
+    pretrain: PretrainSettings = field(
+        default_factory=PretrainSettings, metadata={"help": "stage 1 (rectified-flow pretraining of the decoder)"}
+    )
+    cold_start: ColdStartSettings = field(
+        default_factory=ColdStartSettings, metadata={"help": "the cold start (differentiable reconstruction)"}
+    )
     num_iterations: int = field(
         default=1, metadata={"help": "optimizer steps per rollout batch (old log-probs if > 1)"}
     )
@@ -347,6 +348,11 @@ class TrainConfig:
                     "models), e.g. reward.weights={dinov2: 1.0} reward.backbones={dinov2: /models/dinov2-large}"
                 )
             self.reward = RewardConfig(weights={"dinov2": 1.0}, backbones={"dinov2": "tiny"})
+        if self.stage == "cold_start" and self.cold_start.backbone not in self.reward.backbones:
+            raise ConfigError(
+                f"cold_start.backbone {self.cold_start.backbone!r} has no folder in reward.backbones "
+                f"(it has {', '.join(self.reward.backbones)})"
+            )
         # The loss scales logits by the sampling temperature and dr_grpo divides by the max length: one value each.
         for name in ("temperature", "max_completion_length"):
             set_in_loss = getattr(self.loss, name)

@@ -12,9 +12,9 @@ import torch
 
 from ..errors import ConfigError
 from ..models.decoder import cfg_mix
-from .config import DecoderConfig, U4GSettings
+from .config import DecoderConfig, LoraSettings, U4GSettings
 
-__all__ = ["DecoderPolicy", "caption_conditioning"]
+__all__ = ["DecoderPolicy", "caption_conditioning", "dit_lora_config"]
 
 
 def caption_conditioning(uae, decoder: DecoderConfig):
@@ -52,7 +52,8 @@ class DecoderPolicy:
             for name, param in self.decoder.lora_model.named_parameters():
                 param.requires_grad_("lora_" in name)
         else:
-            self.decoder.attach_lora(_lora_config(self.decoder.transformer, settings))
+            config = dit_lora_config(self.decoder.transformer, settings.lora_targets, settings.lora, section="u4g")
+            self.decoder.attach_lora(config)
         self.refresh_conditioning()
 
     # ------------------------------------------------------------------ adapters
@@ -147,13 +148,13 @@ class DecoderPolicy:
         return torch.cat(out)
 
 
-def _lora_config(transformer, settings: U4GSettings):
-    """LoRA on the DiT's modules whose names end with one of `settings.lora_targets`."""
+def dit_lora_config(transformer, suffixes: list[str], lora: LoraSettings, *, section: str):
+    """A `peft.LoraConfig` on the DiT's linear layers whose names end with one of `suffixes` (`section` names the
+    config section in the error when none matches)."""
     from peft import LoraConfig
 
     names = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
-    targets = [n for n in names if any(n == t or n.endswith("." + t) for t in settings.lora_targets)]
+    targets = [n for n in names if any(n == t or n.endswith("." + t) for t in suffixes)]
     if not targets:
-        raise ConfigError(f"u4g.lora_targets {settings.lora_targets} match no linear layer of the DiT")
-    r, alpha = settings.lora.r, settings.lora.alpha
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=settings.lora.dropout, target_modules=targets)
+        raise ConfigError(f"{section}.lora_targets {suffixes} match no linear layer of the DiT")
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
