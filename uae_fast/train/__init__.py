@@ -1,6 +1,7 @@
 """Training: `uae_fast.train(config)` runs a stage: `G4UTrainer` is stage 2a ("generation for understanding", GRPO on
 the captioner), `U4GTrainer` stage 2b ("understanding for generation", Flow-GRPO on the decoder) and
-`UnifiedTrainer` the Unified-GRPO schedule of both.
+`UnifiedTrainer` the Unified-GRPO schedule of both; `PretrainTrainer` is stage 1 (rectified-flow pretraining of the
+decoder on long captions) and `ColdStartTrainer` the cold start (differentiable reconstruction).
 
 `uae_fast.train` is both this package and a function: the module is callable, so `uae_fast.train(config)` and
 `from uae_fast.train import G4UTrainer` both work. Names load on first use so `uae-fast --help` stays instant.
@@ -15,6 +16,8 @@ from pathlib import Path
 from ..lazy import lazy_exports
 
 __all__ = [
+    "ColdStartTrainer",
+    "PretrainTrainer",
     "DataConfig",
     "DecoderConfig",
     "G4UTrainer",
@@ -35,6 +38,8 @@ _LAZY = {
     "load_train_config": "config",
     "shipped_configs": "config",
     "G4UTrainer": "g4u",
+    "PretrainTrainer": "pretrain",
+    "ColdStartTrainer": "cold_start",
     "U4GTrainer": "u4g",
     "UnifiedTrainer": "unified",
 }
@@ -55,6 +60,10 @@ def train(config=None, overrides: list[str] | tuple = ()) -> Path:
         from .g4u import G4UTrainer as trainer
     elif config.stage == "u4g":
         from .u4g import U4GTrainer as trainer
+    elif config.stage == "pretrain":
+        from .pretrain import PretrainTrainer as trainer
+    elif config.stage == "cold_start":
+        from .cold_start import ColdStartTrainer as trainer
     else:
         from .unified import UnifiedTrainer as trainer
     return trainer(config).train()

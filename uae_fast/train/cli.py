@@ -10,13 +10,15 @@ __all__ = ["add_train_parser", "cmd_train"]
 # `--preset NAME [--stage STAGE]` is shorthand for the shipped config of that model and stage: `<stage>_<suffix>`.
 PRESET_CONFIGS = {"tiny": "tiny", "uae-3b": "uae3b"}
 STAGE_NAMES = {"g4u": "stage 2a: GRPO on the captioner", "u4g": "stage 2b: Flow-GRPO on the decoder",
-               "unified": "Unified-GRPO: 2a then 2b (or alternating) on one model"}  # fmt: skip
+               "unified": "Unified-GRPO: 2a then 2b (or alternating) on one model",
+               "pretrain": "stage 1: rectified-flow pretraining of the decoder on long captions",
+               "cold_start": "the cold start: differentiable reconstruction, both adapters"}  # fmt: skip
 
 
 def add_train_parser(sub) -> None:
     p = sub.add_parser(
         "train",
-        help="train (stage 2a, stage 2b or the Unified-GRPO schedule)",
+        help="train (stage 1, the cold start, stage 2a, stage 2b or the Unified-GRPO schedule)",
         description="Train a UAE. Settings come from --config (a YAML file or a shipped config name) or --preset, "
         "then from KEY=VALUE overrides with dotted keys, e.g. max_steps=4 decoder.steps=10 lora.r=16.",
         epilog="Examples: uae-fast train --preset tiny --out runs/tiny max_steps=20; "
