@@ -149,6 +149,15 @@ class UAE:
         """Decoder conditioning of captions: prompt_embeds [B, L, D], mask [B, L] (bool), pooled [B, P]."""
         if self.conditioning == "text":
             return self.decoder.encode_text(captions)
+        return self.project_caption_states(*self.caption_states(captions))
+
+    def caption_states(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """llm mode, the LLM half of :meth:`condition`: each caption templated as a "generate" message and run
+        text-only through the encoder's language model. Returns last hidden states [B, L, H] and mask [B, L] (bool).
+
+        Under autograd when the caller enables it; stage 1 caches these (the LLM is frozen there) and trains the
+        projector on top with :meth:`project_caption_states`.
+        """
         tokenizer = self.processor.tokenizer
         ids = [
             tokenizer.encode(
@@ -163,8 +172,14 @@ class UAE:
             input_ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = True
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        embeds = self.encoder.project(input_ids, mask.long())
-        pooled = self.decoder.pooled_empty.expand(len(captions), -1)
+        return self.encoder.language_states(input_ids, mask.long()), mask
+
+    def project_caption_states(
+        self, hidden: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """llm mode, the projector half of :meth:`condition`: (prompt_embeds [B, L, D], mask, pooled [B, P])."""
+        embeds = self.encoder.projector(hidden)
+        pooled = self.decoder.pooled_empty.expand(len(hidden), -1)
         if self.caption_pooled_weight:
             mean = (embeds * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
             pooled = pooled + self.caption_pooled_weight * mean.to(pooled.dtype)

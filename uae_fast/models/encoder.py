@@ -91,10 +91,13 @@ class UAEEncoder(Qwen2_5_VLForConditionalGeneration):
         Returns:
             [B, L, D] prompt embeddings (D = `conditioning_dim`); padded positions hold values the caller must mask.
         """
+        return self.projector(self.language_states(input_ids, attention_mask))
+
+    def language_states(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The language model's last hidden states [B, L, H] of a text-only pass (what :meth:`project` projects)."""
         # last_hidden_state is after the final RMSNorm, which is what `hidden_states[-1]` was in the transformers
         # versions the released checkpoint was trained with.
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return self.projector(hidden)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
     # ------------------------------------------------------------------ LoRA adapters
     @property
