@@ -59,9 +59,10 @@ def pad_and_stack(embeds: list[torch.Tensor], masks: list[torch.Tensor]) -> tupl
 
 
 def ode_step(latents: torch.Tensor, velocity: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
-    """The deterministic Euler step x + (σ' − σ)·v, in fp32: the latent update is the one place where bf16 rounding
-    would accumulate over steps. Returns the latents in their input dtype."""
-    return (latents.float() + (sigma_next - sigma) * velocity.float()).to(latents.dtype)
+    """The deterministic Euler step x + (σ' − σ)·v, in fp32 (fp64 latents stay fp64): the latent update is the one
+    place where bf16 rounding would accumulate over steps. Returns the latents in their input dtype."""
+    dtype = torch.promote_types(latents.dtype, torch.float32)
+    return (latents.to(dtype) + (sigma_next - sigma) * velocity.to(dtype)).to(latents.dtype)
 
 
 def cfg_mix(uncond: torch.Tensor, cond: torch.Tensor, guidance: float) -> torch.Tensor:
@@ -181,6 +182,10 @@ class UAEDecoder(nn.Module):
         self.transformer = get_peft_model(self.transformer, config)
         return self.transformer
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each DiT block in the backward instead of keeping its activations (training memory)."""
+        self._base_transformer.enable_gradient_checkpointing()
+
     def adapters_disabled(self):
         """Context in which the DiT is its base model (the stage-2b reference policy)."""
         peft = self.lora_model
@@ -273,9 +278,11 @@ class UAEDecoder(nn.Module):
         latents = posterior.sample(generator=generator)
         return (latents - cfg.shift_factor) * cfg.scaling_factor
 
-    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE decode with SD3's scaling/shift. Returns [B, 3, H, W] float32 in [0, 1]."""
+        """VAE decode with SD3's scaling/shift. Returns [B, 3, H, W] float32 in [0, 1].
+
+        Under autograd when the caller enables it (the cold start backpropagates through it); the samplers call it
+        under no_grad."""
         cfg = self.vae.config
         latents = latents / cfg.scaling_factor + cfg.shift_factor
         image = self.vae.decode(latents.to(self.dtype), return_dict=False)[0]

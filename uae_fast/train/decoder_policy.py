@@ -14,7 +14,7 @@ from ..errors import ConfigError
 from ..models.decoder import cfg_mix
 from .config import DecoderConfig, LoraSettings, U4GSettings
 
-__all__ = ["DecoderPolicy", "caption_conditioning", "dit_lora_config"]
+__all__ = ["DecoderPolicy", "caption_conditioning", "dit_lora_config", "train_dit_lora"]
 
 
 def caption_conditioning(uae, decoder: DecoderConfig):
@@ -47,13 +47,7 @@ class DecoderPolicy:
         self.decoder = uae.decoder
         self.config = decoder
         self.negative = None
-        self.decoder.transformer.requires_grad_(False)
-        if self.decoder.lora_model is not None:
-            for name, param in self.decoder.lora_model.named_parameters():
-                param.requires_grad_("lora_" in name)
-        else:
-            config = dit_lora_config(self.decoder.transformer, settings.lora_targets, settings.lora, section="u4g")
-            self.decoder.attach_lora(config)
+        train_dit_lora(self.decoder, settings.lora_targets, settings.lora, section="u4g")
         self.refresh_conditioning()
 
     # ------------------------------------------------------------------ adapters
@@ -146,6 +140,17 @@ class DecoderPolicy:
                     )
                 )
         return torch.cat(out)
+
+
+def train_dit_lora(decoder, suffixes: list[str], lora: LoraSettings, *, section: str) -> None:
+    """Make the DiT's LoRA the only trainable part of `decoder`: the checkpoint's `dit_lora/` when it has one (trained
+    further, with its own rank and targets), else new adapters on the modules ending with `suffixes`."""
+    decoder.transformer.requires_grad_(False)
+    if decoder.lora_model is not None:
+        for name, param in decoder.lora_model.named_parameters():
+            param.requires_grad_("lora_" in name)
+    else:
+        decoder.attach_lora(dit_lora_config(decoder.transformer, suffixes, lora, section=section))
 
 
 def dit_lora_config(transformer, suffixes: list[str], lora: LoraSettings, *, section: str):

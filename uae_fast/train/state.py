@@ -74,7 +74,8 @@ def save_checkpoint(
 ) -> Path:
     """Write one checkpoint folder atomically (a crash mid-write leaves the previous checkpoints untouched).
 
-    `adapters` maps a folder name of the released layout (`llm_lora`, `dit_lora`) to the PEFT model saved there;
+    `adapters` maps a folder name of the released layout (`llm_lora`, `dit_lora`) to the PEFT model saved there
+    (or another name to trained weights of :mod:`uae_fast.train.weights`);
     `optimizers` maps the same names to the (optimizer, LR scheduler) pair training that adapter.
     """
     tensors, optimizer_meta = {}, {}
@@ -106,12 +107,16 @@ def load_trainer_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def restore_adapters(folder: Path, adapters: dict, device) -> None:
-    """Load each `folder/<name>/` PEFT adapter into the model under `name` (as :func:`save_checkpoint` wrote them)."""
+    """Load each `folder/<name>/` PEFT adapter into the model under `name` (as :func:`save_checkpoint` wrote them);
+    other trained weights (:mod:`uae_fast.train.weights`) load themselves."""
     from peft.utils import load_peft_weights, set_peft_model_state_dict
 
     for name, peft_model in adapters.items():
         if not (folder / name).is_dir():
             raise CheckpointError(f"{folder} is not a complete training checkpoint: {name} is missing")
+        if hasattr(peft_model, "load_saved"):
+            peft_model.load_saved(folder / name)
+            continue
         weights = load_peft_weights(str(folder / name), device=str(device))
         result = set_peft_model_state_dict(peft_model, weights)
         unexpected = list(getattr(result, "unexpected_keys", []))
