@@ -50,6 +50,11 @@ class DataConfig:
     )  # fmt: skip
     shuffle: bool = field(default=True, metadata={"help": "reshuffle the images every epoch (seeded)"})
     shuffle_buffer: int = field(default=1000, metadata={"help": "shards: samples in the shuffle buffer"})
+    aspect_buckets: bool = field(
+        default=False,
+        metadata={"help": "shards: form each batch from images of one aspect-ratio bucket (uae_fast.data.shards."
+                  "aspect_bucket gives the bucket's shape at a resolution)"},
+    )  # fmt: skip
     on_bad_image: str = field(default="skip", metadata={"help": "'skip' (count and go on) or 'abort'"})
     max_image_pixels: int = field(default=DEFAULT_MAX_IMAGE_PIXELS, metadata={"help": "refuse larger images"})
     decoder: str = field(

@@ -22,14 +22,14 @@ from ..data.images import list_image_files
 from ..errors import ConfigError, ImageLoadError
 from .config import DataConfig
 
-__all__ = ["TrainImage", "ImageDataset"]
+__all__ = ["TrainImage", "ImageDataset", "decode_named", "open_dataset"]
 
 
 @dataclass
 class TrainImage:
     key: str  # stable id: the file name (cache key of the reward's source features)
     pixels: np.ndarray  # [H, W, 3] uint8 RGB, decoded once for the policy and the reward
-    reference_caption: str | None = None  # from a sidecar <stem>.txt, when the dataset has one
+    reference_caption: str | None = None  # the pair's caption: shards, a sidecar <stem>.txt, the demo's captions
 
 
 @dataclass
@@ -42,12 +42,14 @@ class ImageDataset:
     index: int = 0  # position inside the epoch's order
     skipped: list[dict] = field(default_factory=list)  # {"image", "reason"} of every image that failed to load
     _sources: list = field(default_factory=list, init=False, repr=False)  # (key, Path or encoded bytes)
+    _captions: dict = field(default_factory=dict, init=False, repr=False)  # key -> caption of in-memory images
 
     def __post_init__(self):
         if self.config.demo:
-            from ..data.demo import demo_images
+            from ..data.demo import DEMO_CAPTIONS, demo_images
 
             self._sources = [(im.name, _png_bytes(im.image)) for im in demo_images()]  # lossless: same pixels
+            self._captions = dict(DEMO_CAPTIONS)
         else:
             try:
                 self._sources = [(p.name, p) for p in list_image_files(self.config.images)]
@@ -97,32 +99,11 @@ class ImageDataset:
                         raise ConfigError(f"none of the {len(self._sources)} training images can be loaded")
                     continue
                 failures_in_a_row = 0
-                batch.append(TrainImage(key, pixels, _reference_caption(source)))
+                batch.append(TrainImage(key, pixels, self._caption(key, source)))
         return batch
 
     def _decode(self, sources: list, keys: list[str]) -> list[np.ndarray | ImageLoadError]:
-        """Decode a batch in one call; when it fails, decode one by one to tell the bad images from the good."""
-        blobs = []
-        for key, source in zip(keys, sources):
-            try:
-                blobs.append(source.read_bytes() if isinstance(source, Path) else source)
-            except OSError as exc:
-                blobs.append(ImageLoadError(f"{key}: cannot be read ({exc.strerror or exc})"))
-        if not any(isinstance(b, ImageLoadError) for b in blobs):
-            try:
-                return self.decoder.decode(blobs)
-            except ImageLoadError:
-                pass  # rare: find the culprit below
-        out: list[np.ndarray | ImageLoadError] = []
-        for key, blob in zip(keys, blobs):
-            if isinstance(blob, ImageLoadError):
-                out.append(blob)
-                continue
-            try:
-                out.append(self.decoder.decode([blob])[0])
-            except ImageLoadError as exc:  # the decoder says "image 0: ..."; name the file instead
-                out.append(ImageLoadError(f"{key}: {str(exc).removeprefix('image 0: ')}"))
-        return out
+        return decode_named(self.decoder, sources, keys)
 
     def preview(self, count: int) -> list[TrainImage]:
         """The first `count` decodable images in file order (for reports; does not move the position)."""
@@ -132,18 +113,74 @@ class ImageDataset:
                 break
             pixels = self._decode([source], [key])[0]
             if not isinstance(pixels, ImageLoadError):
-                out.append(TrainImage(key, pixels, _reference_caption(source)))
+                out.append(TrainImage(key, pixels, self._caption(key, source)))
         return out
+
+    def _caption(self, key: str, source) -> str | None:
+        return self._captions.get(key) if not isinstance(source, Path) else _reference_caption(source)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "num_images": len(self._sources), "skipped": self.skipped}
 
     def load_state_dict(self, state: dict) -> None:
+        if "num_images" not in state:
+            raise ConfigError("the resumed run trained on data.shards, this run on data.images")
         if state["num_images"] != len(self._sources):
             raise ConfigError(
                 f"the resumed run had {state['num_images']} training images, this dataset has {len(self._sources)}"
             )
         self.epoch, self.index, self.skipped = state["epoch"], state["index"], list(state["skipped"])
+
+
+def decode_named(decoder: ImageDecoder, sources: list, keys: list[str]) -> list[np.ndarray | ImageLoadError]:
+    """Decode a batch in one call; when it fails, decode one by one to tell the bad images from the good.
+
+    Args:
+        decoder: the run's decoder (the one native data path).
+        sources: N encoded images (bytes) or files (Path).
+        keys: N names used in the errors.
+
+    Returns:
+        N entries: [H, W, 3] uint8 RGB pixels, or the ImageLoadError (naming the key) of an image that failed.
+    """
+    blobs = []
+    for key, source in zip(keys, sources):
+        try:
+            blobs.append(source.read_bytes() if isinstance(source, Path) else source)
+        except OSError as exc:
+            blobs.append(ImageLoadError(f"{key}: cannot be read ({exc.strerror or exc})"))
+    if not any(isinstance(b, ImageLoadError) for b in blobs):
+        try:
+            return decoder.decode(blobs)
+        except ImageLoadError:
+            pass  # rare: find the culprit below
+    out: list[np.ndarray | ImageLoadError] = []
+    for key, blob in zip(keys, blobs):
+        if isinstance(blob, ImageLoadError):
+            out.append(blob)
+            continue
+        try:
+            out.append(decoder.decode([blob])[0])
+        except ImageLoadError as exc:  # the decoder says "image 0: ..."; name the file instead
+            out.append(ImageLoadError(f"{key}: {str(exc).removeprefix('image 0: ')}"))
+    return out
+
+
+def open_dataset(config: DataConfig, *, seed: int = 0, rank: int = 0, world_size: int = 1):
+    """The training data of `config`: a :class:`~uae_fast.data.shards.ShardDataset` over image-caption pairs when
+    `data.shards` is set, else an :class:`ImageDataset` over a folder of images (or the demo photographs). Both draw
+    `next_batch(size) -> list[TrainImage]` and resume exactly from `state_dict()`.
+
+    Raises:
+        ConfigError: no usable data, or (images) `world_size` > 1, which only shards split across ranks.
+    """
+    if config.shards:
+        from ..data.shards import ShardDataset
+
+        return ShardDataset(config, seed=seed, rank=rank, world_size=world_size)
+    if world_size != 1:
+        raise ConfigError("data.images is read whole by every rank; to split data across ranks use data.shards")
+    return ImageDataset(config, seed=seed)
 
 
 def _png_bytes(image) -> bytes:

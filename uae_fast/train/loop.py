@@ -77,7 +77,7 @@ class StageTrainer:
         image stream — the given ones (the unified schedule's stages share them) or new ones from the config."""
         from .. import api
         from ..rewards.reconstruction import ReconstructionReward
-        from .data import ImageDataset
+        from .data import open_dataset
 
         self.config, self.step = config, 0
         torch.manual_seed(config.seed)
@@ -87,7 +87,7 @@ class StageTrainer:
         self.device = self.uae.device
         # Neither touches the global RNG (the tiny backbones fork it), so the adapters' init does not depend on them.
         self.reward = reward or ReconstructionReward.from_config(config.reward, device=self.device)
-        self.dataset = dataset or ImageDataset(config.data, seed=config.seed)
+        self.dataset = dataset or open_dataset(config.data, seed=config.seed)
 
     def build_optimizer(self, params: list[torch.nn.Parameter], *, learning_rate: float, updates: int) -> None:
         """AdamW over `params` and the warmup + constant/linear/cosine schedule over `updates` optimizer steps."""
