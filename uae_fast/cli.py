@@ -52,11 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_caption_opts(rec)
     _add_generate_opts(rec)
 
+    from .data.cli import add_data_parser  # stage 1's shards: `data build`, `data check`
     from .eval.cli import add_bench_parser  # Unified-Bench: `bench unified`, `bench score`
     from .train.cli import add_train_parser
 
     add_bench_parser(sub)
     add_train_parser(sub)
+    add_data_parser(sub)
     return parser
 
 
@@ -331,12 +333,19 @@ def cmd_train(args) -> None:
     run(args)
 
 
+def cmd_data(args) -> int:
+    from .data.cli import cmd_data as run
+
+    return run(args)
+
+
 COMMANDS = {
     "caption": cmd_caption,
     "generate": cmd_generate,
     "reconstruct": cmd_reconstruct,
     "bench": cmd_bench,
     "train": cmd_train,
+    "data": cmd_data,
 }
 
 
@@ -344,14 +353,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _check_common(args)
-        COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)  # `data check` exits 1 when it finds problems
     except UAEError as e:
         print(f"uae-fast: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("uae-fast: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":
