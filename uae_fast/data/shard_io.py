@@ -123,7 +123,8 @@ class TarShard:
                 try:
                     entry = next(files, None)
                 except Exception as exc:  # tarfile.ReadError, EOFError, ...: truncated or not a tar at all
-                    error = f"truncated or corrupt tar after {index} sample(s) ({_one_line(exc)})"
+                    reason = _one_line(exc).split(" @ ")[0]  # webdataset appends " @ <file object>"
+                    error = f"truncated or corrupt tar after {index} sample(s) ({reason})"
                     break
                 if entry is None:
                     error = _unfinished(stream, tracked.position, index)
@@ -288,20 +289,26 @@ def write_shard(path: str | os.PathLike, samples: Iterable[dict]) -> int:
     count = 0
     with atomic_path(path) as tmp, open(tmp, "wb") as stream:
         writer = TarWriter(stream, encoder=False, mtime=0.0, user="uae", group="uae")
-        for sample in samples:
-            key, ext = sample["key"], sample["ext"]
-            if "." in key or "/" in key or not key:
-                raise ValueError(f"shard keys must be non-empty without '.' or '/', got {key!r}")
-            if ext not in SHARD_IMAGE_EXTENSIONS:
-                raise ValueError(f"image extension must be one of {SHARD_IMAGE_EXTENSIONS}, got {ext!r}")
-            record = {"__key__": key, ext: bytes(sample["image"]), "txt": sample["caption"].encode("utf-8")}
-            if sample.get("meta") is not None:
-                meta = {"caption": sample["caption"], **sample["meta"]}
-                record["json"] = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
-            writer.write(record)
-            count += 1
-        writer.close()
+        try:
+            for sample in samples:
+                writer.write(_record(sample))
+                count += 1
+        finally:  # also on errors: tarfile would otherwise flush into the closed file when collected
+            writer.close()
     return count
+
+
+def _record(sample: dict) -> dict:
+    key, ext = sample["key"], sample["ext"]
+    if "." in key or "/" in key or not key:
+        raise ValueError(f"shard keys must be non-empty without '.' or '/', got {key!r}")
+    if ext not in SHARD_IMAGE_EXTENSIONS:
+        raise ValueError(f"image extension must be one of {SHARD_IMAGE_EXTENSIONS}, got {ext!r}")
+    record = {"__key__": key, ext: bytes(sample["image"]), "txt": sample["caption"].encode("utf-8")}
+    if sample.get("meta") is not None:
+        meta = {"caption": sample["caption"], **sample["meta"]}
+        record["json"] = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    return record
 
 
 class _TrackedReader:

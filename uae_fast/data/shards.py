@@ -128,10 +128,12 @@ class ShardDataset:
 
     def _accept(self, shard: int, raw: RawSample, record: bool = True) -> _Item | None:
         try:
-            caption = sample_caption(raw)
-        except SampleProblem as problem:
+            caption, problem = sample_caption(raw), None
+        except SampleProblem as exc:
+            caption, problem = None, str(exc)
+        if problem is not None:
             if record:
-                self._skip("source", raw.label, str(problem))
+                self._skip("source", raw.label, problem)
             return None
         return _Item(shard, raw.index, raw.label, raw.key, raw.image, caption)
 
