@@ -86,6 +86,17 @@ class FeatureExtractor(nn.Module):
             pixel_values = self.preprocess(images)
         return self.encode_fn(self.model, pixel_values.to(self.device, self.dtype))
 
+    def features_with_grad(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """Features [N, D] of images [N, 3, H, W] in [0, 1] (or a list of [3, H_i, W_i]) under autograd: the
+        weights stay frozen, the gradient reaches the images (:meth:`TensorPreprocess.differentiable`). float32, or
+        float64 for a float64 model."""
+        if isinstance(images, torch.Tensor):
+            pixel_values = self.preprocess.differentiable(images)
+        else:
+            pixel_values = torch.cat([self.preprocess.differentiable(im.unsqueeze(0)) for im in images])
+        features = self.encode_fn(self.model, pixel_values.to(self.device, self.dtype))
+        return features.to(torch.promote_types(features.dtype, torch.float32))
+
     def extra_repr(self) -> str:
         return f"name={self.name!r}, dim={self.dim}, source={self.source!r}"
 

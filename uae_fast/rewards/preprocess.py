@@ -140,6 +140,25 @@ class TensorPreprocess:
             x = F.interpolate(x, size=(h, w), mode=self.interpolation, antialias=True).clamp_(0.0, 255.0)
         if self.crop is not None:
             x = _center_crop(x, self.crop, self.crop_rounding)
+        return self._normalise(x)
+
+    def differentiable(self, images: torch.Tensor) -> torch.Tensor:
+        """Preprocess [N, 3, H, W] floats in [0, 1] under autograd (the cold start's loss backpropagates through it).
+
+        The same resize, crop and normalisation in one float pass, without the 8-bit rounding and clamping of the
+        reward's path (rounding has a zero gradient): within a few levels of :meth:`__call__` at sharp edges.
+        """
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [N, 3, H, W], got {tuple(images.shape)}")
+        x = images.float() * 255.0
+        h, w = self.output_size(*x.shape[-2:])
+        if (h, w) != tuple(x.shape[-2:]):
+            x = F.interpolate(x, size=(h, w), mode=self.interpolation, antialias=True)
+        if self.crop is not None:
+            x = _center_crop(x, self.crop, self.crop_rounding)
+        return self._normalise(x)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         # (x / 255 - mean) / std as one multiply-add over the cropped (smaller) tensor.
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)

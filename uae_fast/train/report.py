@@ -36,6 +36,11 @@ _U4G_CURVES = (
 CURVES = {
     "g4u": _G4U_CURVES,
     "u4g": _U4G_CURVES,
+    "cold_start": (
+        ("reconstruction similarity cos(f(x̃), f(x)) (mean ± std over the batch)", [("reward", "train")], "reward_std"),
+        ("loss", [("loss", "loss")], None),
+        ("gradient norm", [("grad_norm", "grad_norm")], None),
+    ),
     "unified": (
         ("reward of each stage's steps", [("g4u/reward", "stage 2a"), ("u4g/reward", "stage 2b")], None),
         ("KL to the reference", [("g4u/kl", "stage 2a"), ("u4g/kl", "stage 2b")], None),
@@ -50,6 +55,8 @@ COLUMNS = {  # what the base / trained columns show
     "one, from the same noise.",
     "unified": "Greedy captions and renders of the base UAE (both adapters off) and the trained one (both on), from "
     "the same noise.",
+    "cold_start": "Greedy captions reconstructed by the cold start's sampler with both adapters off (the base UAE) "
+    "and on, from the same noise.",
 }
 _COMMON = ("stage", "model", "seed", "max_steps", "decoder.size", "decoder.guidance", "decoder.conditioning",
            "data.images")  # fmt: skip
@@ -57,7 +64,10 @@ _G4U = ("batch_size", "num_generations", "temperature", "max_completion_length",
         "loss.beta", "lora.r", "lora.alpha", "decoder.steps")  # fmt: skip
 _U4G = ("u4g.batch_size", "u4g.num_generations", "u4g.captions", "u4g.num_steps", "u4g.noise_level", "u4g.sde_type",
         "u4g.sde_window_size", "u4g.clip_range", "u4g.beta", "u4g.learning_rate", "u4g.lora.r")  # fmt: skip
-SETTINGS = {"g4u": _COMMON + _G4U, "u4g": _COMMON + _U4G, "unified": _COMMON + ("unified.schedule",) + _G4U + _U4G}
+_COLD_START = ("cold_start.batch_size", "cold_start.num_steps", "cold_start.size", "cold_start.learning_rate",
+               "cold_start.backbone", "cold_start.captions", "lora.r", "cold_start.dit_lora.r")  # fmt: skip
+SETTINGS = {"g4u": _COMMON + _G4U, "u4g": _COMMON + _U4G, "unified": _COMMON + ("unified.schedule",) + _G4U + _U4G,
+            "cold_start": _COMMON + _COLD_START}  # fmt: skip
 _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")
 
 

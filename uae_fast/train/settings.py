@@ -17,6 +17,7 @@ __all__ = ["ColdStartSettings", "DIT_ATTENTION_PROJECTIONS", "LoraSettings", "Pr
 DIT_ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "cosmap", "sigma_sqrt", "uniform")
 FINETUNE_MODES = ("lora", "full")
+COLD_START_CAPTIONS = ("sample", "greedy")
 
 
 def _check(checks: list[tuple[bool, str]]) -> None:
@@ -132,6 +133,17 @@ class ColdStartSettings:
     checkpoint_steps: bool = field(
         default=True, metadata={"help": "activation checkpointing per sampler step: memory flat in num_steps"}
     )
+    captions: str = field(
+        default="sample",
+        metadata={"help": f"how the captioner captions a training image, one of {COLD_START_CAPTIONS} (sample: "
+                  "temperature/top_p/max_completion_length of the top level, a new caption each step)"},
+    )  # fmt: skip
+    eval_images: int = field(
+        default=4,
+        metadata={"help": "images (the dataset's first, in file order) whose reconstruction similarity is measured "
+                  "with fixed noise and greedy captions before the first step and after the last "
+                  "(eval/similarity); 0: off"},
+    )  # fmt: skip
     train_encoder: bool = field(default=True, metadata={"help": "train the captioner's LLM LoRA (top-level lora)"})
     train_decoder: bool = field(default=True, metadata={"help": "train the DiT's LoRA"})
     dit_lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "the DiT's LoRA"})
@@ -154,6 +166,11 @@ class ColdStartSettings:
                     self.train_encoder or self.train_decoder,
                     "cold_start trains nothing: set cold_start.train_encoder or cold_start.train_decoder",
                 ),
+                (
+                    self.captions in COLD_START_CAPTIONS,
+                    f"cold_start.captions must be one of {COLD_START_CAPTIONS}, got {self.captions!r}",
+                ),
+                (self.eval_images >= 0, f"cold_start.eval_images must be >= 0, got {self.eval_images}"),
                 (not self.dit_lora.train_embeddings, "cold_start.dit_lora.train_embeddings: the DiT has none"),
                 (bool(self.lora_targets), "cold_start.lora_targets is empty: name the DiT modules to adapt"),
             ]
