@@ -306,6 +306,8 @@ def test_open_dataset_and_demo_captions(tmp_path):
     assert isinstance(demo, ImageDataset)
     with pytest.raises(ConfigError, match="data.shards"):
         open_dataset(DataConfig(), world_size=2)
+    with pytest.raises(ConfigError, match="aspect_buckets needs data.shards"):
+        DataConfig(aspect_buckets=True)
     captions = {im.key: im.reference_caption for im in demo.preview(4)}
     assert captions == {name: DEMO_CAPTIONS[name] for name in DEMO_IMAGE_NAMES}
     assert len(set(captions.values())) == 4

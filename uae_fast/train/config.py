@@ -77,6 +77,8 @@ class DataConfig:
             raise ConfigError("set data.images or data.shards, not both")
         if self.shuffle_buffer < 1:
             raise ConfigError(f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        if self.aspect_buckets and not self.shards:
+            raise ConfigError("data.aspect_buckets needs data.shards (image folders are not bucketed)")
 
     @property
     def demo(self) -> bool:
