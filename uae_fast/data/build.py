@@ -249,6 +249,10 @@ def build_shards(
     with bar:
         for i in todo:
             records[i] = builder.build(i, bar)
+            if bar.disable:  # no terminal (job logs): one plain line per shard instead of the bar
+                r = records[i]
+                print(f"data build: {r['shard']} ({i + 1}/{count}): {r['written']} pair(s), "
+                      f"{len(r['skipped'])} skipped", file=sys.stderr)  # fmt: skip
     stats = _stats([records[i] for i in range(count)], len(sources), resumed=count - len(todo), settings=settings)
     write_text_atomic(out / "stats.json", json.dumps(stats, indent=1, ensure_ascii=False) + "\n")
     write_text_atomic(out / "stats.html", _html(stats))
