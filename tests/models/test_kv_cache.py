@@ -1,0 +1,191 @@
+"""The static, prefix-shared KV cache and the token loop over it, against the DynamicCache loop they replaced.
+
+The oracle `_dynamic_cache_sample` is the captioner's previous sampler: transformers' text model with a growing
+`DynamicCache` (the prefix cache repeated G times), one token per step for every row until all have ended."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from uae_fast.models.captioner import Captioner, sample_token
+from uae_fast.models.kv_cache import PrefixSharedKVCache, cascade_attention
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny):
+    return Captioner(tiny.encoder, tiny.processor)
+
+
+@torch.no_grad()
+def _dynamic_cache_sample(cap, images, g, max_new_tokens, temperature, generator, top_p=1.0):
+    """The reference loop: every row forwarded every step; one uniform number per row per step."""
+    b = len(images.prompt_ids)
+    cache, last, mask, next_pos = cap.prefill(images, list(range(b)))
+    cache.batch_repeat_interleave(g)
+    last, mask, next_pos = (x.repeat_interleave(g, 0) for x in (last, mask, next_pos))
+    n = b * g
+    tokens = torch.full((n, max_new_tokens), cap.pad_id, dtype=torch.long)
+    finished = torch.zeros(n, dtype=torch.bool)
+    lengths = torch.full((n,), max_new_tokens)
+    eos = torch.tensor(cap.eos_ids)
+    steps = 0
+    for t in range(max_new_tokens):
+        logits = cap.encoder.lm_head(last).float().masked_fill(cap.banned, float("-inf"))
+        token = torch.where(finished, cap.pad_id, sample_token(logits, temperature, top_p, generator))
+        tokens[:, t] = token
+        ended = ~finished & torch.isin(token, eos)
+        lengths = torch.where(ended, t + 1, lengths)
+        finished |= ended
+        steps = t + 1
+        if bool(finished.all()) or steps == max_new_tokens:
+            break
+        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype)], dim=1)
+        out = cap.vl.language_model(
+            inputs_embeds=cap.vl.get_input_embeddings()(token)[:, None],
+            attention_mask=mask,
+            position_ids=(next_pos + t).view(1, n, 1).expand(3, n, 1),
+            cache=cache,
+            use_cache=True,
+        )
+        last = out.last_hidden_state[:, -1]
+    return tokens[:, :steps], lengths, ~finished
+
+
+def _assert_same(ours, reference):
+    tokens, lengths, truncated = reference
+    assert torch.equal(ours.tokens, tokens)
+    assert torch.equal(ours.lengths, lengths)
+    assert torch.equal(ours.truncated, truncated)
+
+
+# ------------------------------------------------------------------ attention
+def _expanded_attention(q, pk, pv, mask, keys, values, slot, g):
+    """SDPA over [prefix repeated per row ; new tokens], with transformers' KV-head grouping."""
+    owner = slot // g
+    k = torch.cat([pk[owner], keys], dim=2)
+    v = torch.cat([pv[owner], values], dim=2)
+    allowed = torch.cat([mask[owner].bool(), torch.ones(len(slot), keys.shape[2], dtype=torch.bool)], dim=1)
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    return F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=allowed[:, None, None])[:, :, 0]
+
+
+@pytest.mark.parametrize("dropped", [False, True])
+def test_cascade_attention_equals_sdpa_over_the_repeated_prefix(dropped):
+    torch.manual_seed(0)
+    b, g, heads, kv_heads, d, p, length = 3, 4, 8, 2, 16, 9, 5
+    pk, pv = torch.randn(b, kv_heads, p, d), torch.randn(b, kv_heads, p, d)
+    mask = torch.ones(b, p)
+    mask[0, 6:], mask[2, 3:] = 0, 0  # right-padded prompts of different lengths
+    bias = torch.zeros(b, 1, 1, p).masked_fill(mask[:, None, None] == 0, float("-inf"))
+    slot = torch.tensor([0, 2, 3, 5, 9, 10]) if dropped else torch.arange(b * g)
+    n = len(slot)
+    q = torch.randn(n, heads, d)
+    keys, values = torch.randn(n, kv_heads, length, d), torch.randn(n, kv_heads, length, d)
+    ours = cascade_attention(q, pk, pv, bias, keys, values, None, slot, g)
+    torch.testing.assert_close(ours, _expanded_attention(q, pk, pv, mask, keys, values, slot, g), atol=1e-5, rtol=0)
+
+
+def test_graph_mode_masks_the_unfilled_slots_like_the_sliced_step():
+    """A 0-d step tensor (all T slots, future ones masked: fixed shapes for CUDA graphs) == a Python step."""
+    torch.manual_seed(1)
+    b, g, kv_heads, d, p, t = 2, 3, 2, 8, 5, 6
+    prefix = [(torch.randn(b, kv_heads, p, d), torch.randn(b, kv_heads, p, d))]
+    mask = torch.ones(b, p, dtype=torch.long)
+    mask[1, 4:] = 0
+    caches = [PrefixSharedKVCache(prefix, mask, g, t) for _ in range(2)]
+    for cache in caches:
+        cache.keep(torch.tensor([0, 1, 4]))  # rows 0, 1 (image 0) and 4 (image 1) live on
+    out = []
+    for step in range(3):
+        q, k, v = torch.randn(3, 4, d), torch.randn(3, kv_heads, d), torch.randn(3, kv_heads, d)
+        sliced = caches[0].attend(0, q, k, v, step, step + 1)
+        graphed = caches[1].attend(0, q, k, v, torch.tensor(step), None)
+        torch.testing.assert_close(graphed, sliced, atol=1e-6, rtol=0)
+        out.append(sliced)
+    assert torch.equal(caches[0].slot[:3], torch.tensor([0, 1, 4]))
+    assert torch.equal(caches[0].keys[0][:3, :, :3], caches[1].keys[0][:3, :, :3])
+
+
+# ------------------------------------------------------------------ the loop against the DynamicCache loop
+@pytest.mark.parametrize("temperature, top_p", [(0.0, 1.0), (1.0, 1.0), (0.7, 0.9)])
+def test_same_tokens_as_the_dynamic_cache_loop(captioner, demo, temperature, top_p):
+    """Same seed (or greedy) → the same tokens, for prompts of different lengths (the demo's aspect ratios)."""
+    images = captioner.encode_images(demo)
+    assert len({len(p) for p in images.prompt_ids}) > 1  # right-padded prompts: not a vacuous layout test
+    seed = 11
+    ours = captioner.sample(
+        images, 3, max_new_tokens=12, temperature=temperature, top_p=top_p,
+        generator=torch.Generator().manual_seed(seed),
+    )  # fmt: skip
+    reference = _dynamic_cache_sample(captioner, images, 3, 12, temperature, torch.Generator().manual_seed(seed), top_p)
+    _assert_same(ours, reference)
+
+
+def test_finished_rows_are_dropped_and_the_rest_is_unchanged(captioner, demo, monkeypatch):
+    """Hot sampling ends rows at different steps: they leave the batch at the next check, live rows carry on with
+    the same draws (one uniform per original row per step), and every completion equals the reference's."""
+    kept = []
+    keep = PrefixSharedKVCache.keep
+
+    def recording_keep(self, rows):
+        kept.append((self.live, len(rows)))
+        keep(self, rows)
+
+    monkeypatch.setattr(PrefixSharedKVCache, "keep", recording_keep)
+    images = captioner.encode_images(demo)
+    ours = captioner.sample(images, 8, max_new_tokens=40, temperature=2.5, generator=torch.Generator().manual_seed(2))
+    assert kept and all(after < before for before, after in kept)  # rows were dropped, more than once
+    assert len(kept) > 1
+    ended = ~ours.truncated
+    assert 0 < int(ended.sum()) < len(ended) and len(set(ours.lengths[ended].tolist())) > 2
+    reference = _dynamic_cache_sample(captioner, images, 8, 40, 2.5, torch.Generator().manual_seed(2))
+    _assert_same(ours, reference)
+    for i in range(len(ours.lengths)):  # pads after the end token
+        assert bool((ours.tokens[i, int(ours.lengths[i]) :] == captioner.pad_id).all())
+
+
+def test_all_rows_ending_stops_the_loop_at_the_longest(captioner, demo):
+    """When every row has ended, the tokens stop at the longest completion, as the reference's do."""
+    images = captioner.encode_images(demo[:1])
+    ours = captioner.sample(images, 3, max_new_tokens=150, temperature=3.0, generator=torch.Generator().manual_seed(1))
+    reference = _dynamic_cache_sample(captioner, images, 3, 150, 3.0, torch.Generator().manual_seed(1))
+    _assert_same(ours, reference)
+    assert not bool(ours.truncated.any()) and ours.tokens.shape[1] == int(ours.lengths.max()) < 150
+
+
+# ------------------------------------------------------------------ the two-level sampler
+def test_two_level_inverse_cdf_equals_the_one_level_one():
+    """Vocabulary a multiple of 128 (Qwen's 151,936 is): blocks, then inside the block; same uniform → same token
+    as the full cumulative sum (up to rounding at boundaries), masked entries never chosen, even at u = 0 or ~1."""
+    torch.manual_seed(3)
+    n, vocab = 4000, 1024
+    logits = torch.randn(n, vocab) * 3
+    logits[:, 500:700] = float("-inf")
+    logits[:, -1] = float("-inf")  # the last entry of the last block is masked: the rounding fallback must skip it
+    uniform = torch.rand(n, 1)
+    uniform[:2] = torch.tensor([[0.0], [1 - 2**-24]])
+    ours = sample_token(logits.clone(), 0.7, 1.0, None, uniform=uniform, inplace=True)
+    probs = torch.softmax(logits / 0.7, -1)
+    cdf = probs.cumsum(-1)
+    reference = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).clamp(max=vocab - 1)[:, 0]
+    assert float((ours == reference).double().mean()) > 0.999
+    assert not bool(torch.isinf(logits.gather(1, ours[:, None])).any())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_rollout_equals_the_eager_one(tiny, demo):
+    """On CUDA (fp32, no autocast): the graph-replayed decode step gives the eager step's greedy captions."""
+    import uae_fast
+
+    uae = uae_fast.load("tiny", device="cuda")
+    cap = Captioner(uae.encoder, uae.processor)
+    cap.cuda_dtype = None
+    images = cap.encode_images(demo)
+    graphed = cap.sample(images, 4, max_new_tokens=24, temperature=0)
+    cap.cuda_graphs = False
+    eager = cap.sample(images, 4, max_new_tokens=24, temperature=0)
+    assert torch.equal(graphed.tokens, eager.tokens) and torch.equal(graphed.lengths, eager.lengths)
