@@ -6,6 +6,10 @@ reward std), Δ = mean of `--metric` over the last `--window` steps − over the
 Δ(+) ≥ `--min-gain` σ₀ (and Δ(+) > 0) and Δ(+) − Δ(−) ≥ `--min-gap` σ₀. Stage 2a's criterion is the default
 (1.5, 3.0); stage 2b's is `--min-gain 0 --min-gap 5`. One torch thread, one run at a time.
 
+Stage 1 has no negated control: its evaluation is its own control (the loss with the images' own captions against
+the captions shuffled, same noise and σ). `--criterion conditioning` trains each seed once and passes it when the
+paired z of that gain (`eval/caption_gain_z`) is within ±`--max-start-z` at step 0 and ≥ `--min-end-z` at the end.
+
 Usage: `python scripts/seed_table.py --config g4u_tiny --seeds 5000-5009 [--metric reward] [--steps N] [key=value ...]`
 A metric logged on some steps only (the unified schedule's `g4u/reward`, `u4g/reward`) is measured over the steps
 that log it: `--config unified_tiny --metric u4g/reward --std-metric u4g/reward_std --min-gain 0 --min-gap 5`.
@@ -72,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=5, help="steps averaged at each end")
     parser.add_argument("--min-gain", type=float, default=1.5, help="pass needs Δ(+) ≥ this x σ₀ (and Δ(+) > 0)")
     parser.add_argument("--min-gap", type=float, default=3.0, help="pass needs Δ(+) − Δ(−) ≥ this x σ₀")
+    parser.add_argument(
+        "--criterion", choices=("control", "conditioning"), default="control",
+        help="control: as-is vs negated advantages (RL stages); conditioning: stage 1's own-vs-shuffled captions",
+    )  # fmt: skip
+    parser.add_argument("--max-start-z", type=float, default=3.0, help="conditioning: |z| at step 0 must be below")
+    parser.add_argument("--min-end-z", type=float, default=4.0, help="conditioning: z at the end must reach")
     parser.add_argument("overrides", nargs="*", help="config key=value overrides")
     args = parser.parse_args(argv)
 
@@ -84,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     std_metric = args.std_metric or f"{args.metric}_std"
     overrides = [*([f"max_steps={args.steps}"] if args.steps else []), *args.overrides]
     seeds = parse_seeds(args.seeds)
+    if args.criterion == "conditioning":
+        return conditioning_table(args, seeds, overrides)
     lines = ["| seed | Δ(+)/σ₀ | (Δ(+)−Δ(−))/σ₀ | pass |", "|---|---|---|---|"]
     passed = 0
     for seed in seeds:
@@ -98,6 +110,25 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {seed} | {gain:.2f} | {gap:.2f} | {'✓' if ok else '✗'} |")
         seconds = time.perf_counter() - started
         print(f"seed {seed}: Δ(+) {gain:.2f}σ₀, gap {gap:.2f}σ₀ ({seconds:.0f} s)", file=sys.stderr)
+    print("\n".join(lines))
+    print(f"\n{passed} of {len(seeds)}")
+    return 0
+
+
+def conditioning_table(args, seeds: list[int], overrides: list[str]) -> int:
+    """Stage 1: z of the own-vs-shuffled caption gain at step 0 and at the end, one run per seed."""
+    lines = ["| seed | z at step 0 | z at the end | loss (own captions) start → end | pass |", "|---|---|---|---|---|"]
+    passed = 0
+    for seed in seeds:
+        started = time.perf_counter()
+        rows = [row for row in run(args.config, seed, False, overrides) if "eval/caption_gain_z" in row]
+        z0, z1 = rows[0]["eval/caption_gain_z"], rows[-1]["eval/caption_gain_z"]
+        ok = abs(z0) < args.max_start_z and z1 >= args.min_end_z
+        passed += ok
+        own = f"{rows[0]['eval/loss_own']:.3f} → {rows[-1]['eval/loss_own']:.3f}"
+        lines.append(f"| {seed} | {z0:.2f} | {z1:.2f} | {own} | {'✓' if ok else '✗'} |")
+        seconds = time.perf_counter() - started
+        print(f"seed {seed}: z {z0:.2f} → {z1:.2f} ({seconds:.0f} s)", file=sys.stderr)
     print("\n".join(lines))
     print(f"\n{passed} of {len(seeds)}")
     return 0

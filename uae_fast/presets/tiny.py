@@ -35,6 +35,9 @@ TINY = {
     # the LM head is drawn 10x larger (logits otherwise stay within about +-1.3, so no adapter can move the
     # policy), the projector output 3x larger, and the caption also drives the pooled embedding (the official
     # recipe pools "" only). With them stage 2a measurably learns on the tiny preset (tests/train/test_learning.py).
+    # A fourth: the VAE encoder's posterior std is made small, as a trained VAE's is (drawn at random it exceeds the
+    # spread of the latents between images, so stage 1 would train on noise).
+    "vae_posterior_logvar": -12.0,
     "lm_head_scale": 10.0,
     "projector_out_scale": 3.0,
     "caption_pooled_weight": 30.0,
@@ -227,6 +230,10 @@ def _dit_and_vae():
         use_quant_conv=False,
         use_post_quant_conv=False,
     ).eval()
+    logvar = vae.encoder.conv_out  # out channels: [mean (16), log-variance (16)]
+    with torch.no_grad():
+        logvar.weight[16:].zero_()
+        logvar.bias[16:].fill_(TINY["vae_posterior_logvar"])
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     return transformer, vae, scheduler
 

@@ -1,9 +1,10 @@
 """SD3's rectified-flow training objective (stage 1): timestep densities, loss weights and the loss.
 
-x_σ = (1 − σ)·x₀ + σ·ε, the DiT predicts the velocity v = ε − x₀. σ is drawn as diffusers' SD3 scripts draw it —
-u from the weighting scheme's density on (0, 1), then the scheduler's shift σ = s·u / (1 + (s − 1)·u) (the continuous
-form of their lookup of the shifted σ at index ⌊1000·u⌋) — and the squared error is weighted per sample as in
-their `compute_loss_weighting_for_sd3`.
+x_σ = (1 − σ)·x₀ + σ·ε, the DiT predicts the velocity v = ε − x₀. u is drawn from the weighting scheme's density
+on (0, 1) as in the SD3 paper (u is the noise level: a positive `logit_mean` means noisier), then shifted as the
+scheduler shifts: σ = s·u / (1 + (s − 1)·u). diffusers' SD3 scripts draw u the same way but look σ up at index
+⌊1000·u⌋ of their descending schedule, which mirrors u (their `logit_mean` m is our −m; the same for the default 0).
+The squared error is weighted per sample as in their `compute_loss_weighting_for_sd3`.
 """
 
 from __future__ import annotations

@@ -48,7 +48,18 @@ CURVES = {
         ("entropy (nats per token)", [("entropy", "entropy")], None),
     ),
 }
-COLUMNS = {  # what the base / trained columns show
+_PRETRAIN_CURVES = (
+    ("rectified-flow loss", [("loss", "loss")], None),
+    (
+        "evaluation loss: own captions vs shuffled",
+        [("eval/loss_own", "own captions"), ("eval/loss_shuffled", "shuffled captions")],
+        None,
+    ),
+    ("z of the own-caption gain (0: captions ignored)", [("eval/caption_gain_z", "z")], None),
+    ("gradient norm", [("grad_norm", "grad norm")], None),
+)
+CURVES["pretrain"] = _PRETRAIN_CURVES
+COLUMNS = {  # what the report's columns show
     "g4u": "Greedy captions of the base encoder (adapters off) and the trained one, each rendered by the frozen "
     "decoder from the same noise.",
     "u4g": "Each image's caption (by the frozen captioner) rendered by the base DiT (adapters off) and the trained "
@@ -183,11 +194,14 @@ def _html(rows: list[dict], step: int, config: dict, metrics: list[dict]) -> str
             f'<div class="cap">{html.escape(entry["caption"])}</div></td>'
         )
 
+    labels = [k for k in (rows[0] if rows else {"base": 0, "trained": 0}) if k not in ("image", "source")]
     body = "".join(
         f'<tr><td><img src="{r["source"]}" width="192"><div>{html.escape(r["image"])}</div></td>'
-        f"{cell(r['base'])}{cell(r['trained'])}</tr>"
+        + "".join(cell(r[label]) for label in labels)
+        + "</tr>"
         for r in rows
     )
+    header = "".join(f"<th>{html.escape(label)}</th>" for label in labels)
     settings = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(_setting(config, k)))}</td></tr>" for k in SETTINGS[stage]
     )
@@ -207,7 +221,7 @@ def _html(rows: list[dict], step: int, config: dict, metrics: list[dict]) -> str
         f'<h2>Settings</h2><table id="settings">{settings}</table>'
         f'<h2>Curves</h2><div id="curves">{_curves(metrics, stage)}</div>'
         f"<h2>Reconstructions after step {step}</h2><p>{COLUMNS[stage]}</p>"
-        f'<table id="reconstructions"><tr><th>source</th><th>base</th><th>trained</th></tr>{body}</table>'
+        f'<table id="reconstructions"><tr><th>source</th>{header}</tr>{body}</table>'
     )
 
 

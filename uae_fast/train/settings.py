@@ -72,9 +72,15 @@ class PretrainSettings:
     mode_scale: float = field(default=1.29, metadata={"help": "mode: the scale of the mode density"})
     ema_decay: float = field(default=0.0, metadata={"help": "EMA of the trained weights (0: off; e.g. 0.999)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute DiT blocks in the backward"})
-    cache_conditioning: bool = field(
-        default=True, metadata={"help": "compute each caption's conditioning once and reuse it across epochs"}
+    conditioning_cache: int = field(
+        default=4096,
+        metadata={"help": "captions whose frozen conditioning (the LLM pass) stays cached on the CPU and is reused "
+                  "across epochs (LRU); 0: recompute every step"},
+    )  # fmt: skip
+    eval_images: int = field(
+        default=4, metadata={"help": "images of the own-vs-shuffled caption evaluation (the first in the data)"}
     )
+    eval_steps: int = field(default=0, metadata={"help": "evaluate every n steps (0: at the start and the end only)"})
     min_caption_words: int = field(default=1, metadata={"help": "pairs with shorter captions are skipped and counted"})
 
     def __post_init__(self):
@@ -95,6 +101,8 @@ class PretrainSettings:
                 (self.logit_std > 0, f"pretrain.logit_std must be > 0, got {self.logit_std}"),
                 (0 <= self.ema_decay < 1, f"pretrain.ema_decay must be in [0, 1), got {self.ema_decay}"),
                 (self.min_caption_words >= 0, "pretrain.min_caption_words must be >= 0"),
+                (self.conditioning_cache >= 0, "pretrain.conditioning_cache must be >= 0"),
+                (self.eval_images >= 0 and self.eval_steps >= 0, "pretrain.eval_images and eval_steps must be >= 0"),
             ]
         )
         steps = []
@@ -137,6 +145,11 @@ class ColdStartSettings:
         default="sample",
         metadata={"help": f"how the captioner captions a training image, one of {COLD_START_CAPTIONS} (sample: "
                   "temperature/top_p/max_completion_length of the top level, a new caption each step)"},
+    )  # fmt: skip
+    caption_with_adapters: bool = field(
+        default=False,
+        metadata={"help": "caption with the encoder's LoRA on; off: the base captioner captions, so the adapter "
+                  "trained here for the conditioning does not also change what is captioned"},
     )  # fmt: skip
     eval_images: int = field(
         default=4,
