@@ -167,3 +167,40 @@ def test_a_non_finite_loss_stops_with_a_message(tmp_path):
         next(p for p in trainer.uae.decoder.transformer.parameters() if p.requires_grad).fill_(float("nan"))
     with pytest.raises(UAEError, match="the loss is nan"):
         trainer.train_step()
+
+
+def test_aspect_buckets_train_each_batch_at_its_bucket_shape(tmp_path):
+    """Shards of landscape and portrait images: each batch is one bucket, encoded at that bucket's shape."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from uae_fast.data.shard_io import write_shard
+    from uae_fast.data.shards import aspect_bucket
+
+    samples = []
+    for i in range(8):
+        h, w = (40, 80) if i % 2 else (80, 40)
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((h, w, 3), 30 * i, np.uint8)).save(buffer, format="PNG")
+        samples.append({"key": f"im{i}", "image": buffer.getvalue(), "ext": "png", "caption": f"a grey picture {i}"})
+    (tmp_path / "shards").mkdir()
+    write_shard(tmp_path / "shards" / "shard-000000.tar", samples)
+    with pytest.raises(ConfigError, match="aspect_buckets needs"):
+        make(tmp_path / "small", f"data.shards={tmp_path / 'shards'}", "data.aspect_buckets=true")
+    trainer = make(tmp_path / "run", f"data.shards={tmp_path / 'shards'}", "data.aspect_buckets=true",
+                   "pretrain.resolutions=[[0,64]]", "pretrain.eval_images=0")  # fmt: skip
+    shapes = []
+    encode = trainer.latents
+
+    def recording(pairs, side, generator):
+        latents = encode(pairs, side, generator)
+        shapes.append(tuple(latents.shape[2:]))
+        return latents
+
+    trainer.latents = recording
+    for _ in range(3):
+        trainer.train_step()
+    expected = {(h // 8, w // 8) for h, w in (aspect_bucket(40, 80, 64), aspect_bucket(80, 40, 64))}
+    assert set(shapes) == expected

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..data.shards import aspect_bucket
 from ..errors import ConfigError, UAEError
 from .caption_cache import ConditioningCache
 from .config import TrainConfig
@@ -77,6 +78,9 @@ class PretrainTrainer(StageTrainer):
             self.trained["projector"] = FullWeights(encoder.projector)
         if s.gradient_checkpointing:
             decoder.enable_gradient_checkpointing()
+        smallest = min(int(side) for _, side in s.resolutions)
+        if config.data.aspect_buckets and smallest < 64:
+            raise ConfigError(f"data.aspect_buckets needs pretrain.resolutions sides >= 64 (got {smallest})")
         named = {f"dit.{n}": p for n, p in decoder.transformer.named_parameters() if p.requires_grad}
         if self.train_projector:
             named.update({f"projector.{n}": p for n, p in encoder.projector.named_parameters()})
@@ -131,7 +135,12 @@ class PretrainTrainer(StageTrainer):
         return sequence, mask, pooled
 
     def latents(self, pairs: list[TrainImage], side: int, generator: torch.Generator) -> torch.Tensor:
-        pixels = torch.stack([fit_image(p.pixels, side, side) for p in pairs])
+        """VAE latents of the pairs' images fitted to side² — or, with `data.aspect_buckets`, to their bucket's
+        shape of about that area (a bucketed batch shares one bucket)."""
+        height, width = side, side
+        if self.config.data.aspect_buckets:
+            height, width = aspect_bucket(*pairs[0].pixels.shape[:2], side)
+        pixels = torch.stack([fit_image(p.pixels, height, width) for p in pairs])
         return self.uae.decoder.encode_images(pixels, generator=generator)
 
     def losses(self, latents, captions: list[str], sigmas, noise) -> torch.Tensor:
