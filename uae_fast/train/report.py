@@ -68,6 +68,7 @@ COLUMNS = {  # what the report's columns show
     "the same noise.",
     "cold_start": "Greedy captions reconstructed by the cold start's sampler with both adapters off (the base UAE) "
     "and on, from the same noise.",
+    "pretrain": "Each image's own long caption rendered by the trained decoder (the EMA weights when kept).",
 }
 _COMMON = ("stage", "model", "seed", "max_steps", "decoder.size", "decoder.guidance", "decoder.conditioning",
            "data.images")  # fmt: skip
@@ -77,8 +78,11 @@ _U4G = ("u4g.batch_size", "u4g.num_generations", "u4g.captions", "u4g.num_steps"
         "u4g.sde_window_size", "u4g.clip_range", "u4g.beta", "u4g.learning_rate", "u4g.lora.r")  # fmt: skip
 _COLD_START = ("cold_start.batch_size", "cold_start.num_steps", "cold_start.size", "cold_start.learning_rate",
                "cold_start.backbone", "cold_start.captions", "lora.r", "cold_start.dit_lora.r")  # fmt: skip
+_PRETRAIN = ("data.shards", "pretrain.batch_size", "pretrain.learning_rate", "pretrain.finetune",
+             "pretrain.train_projector", "pretrain.resolutions", "pretrain.weighting_scheme",
+             "pretrain.ema_decay")  # fmt: skip
 SETTINGS = {"g4u": _COMMON + _G4U, "u4g": _COMMON + _U4G, "unified": _COMMON + ("unified.schedule",) + _G4U + _U4G,
-            "cold_start": _COMMON + _COLD_START}  # fmt: skip
+            "cold_start": _COMMON + _COLD_START, "pretrain": _COMMON + _PRETRAIN}  # fmt: skip
 _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")
 
 
