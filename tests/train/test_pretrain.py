@@ -109,7 +109,7 @@ def test_resume_with_ema_matches_an_uninterrupted_run(tmp_path, kill_at_step):
 
 def test_full_finetune_saves_full_dit_weights(tmp_path):
     trainer = make(tmp_path, "pretrain.finetune=full", "pretrain.train_projector=false", "save_final_model=true",
-                   "pretrain.learning_rate=1e-2")  # fmt: skip
+                   "pretrain.learning_rate=1e-2", "report_images=2")  # fmt: skip
     initial = {n: p.detach().clone() for n, p in trainer.uae.decoder.transformer.named_parameters()}
     trainer.train()
     assert set(trainer.adapters()) == {"dit"}
@@ -119,6 +119,8 @@ def test_full_finetune_saves_full_dit_weights(tmp_path):
         torch.testing.assert_close(p, dict(trainer.uae.decoder.transformer.named_parameters())[n].detach())
         changed += not torch.equal(p, initial[n])
     assert changed > 10 and not (tmp_path / "final" / "dit_lora").exists()
+    report = (tmp_path / "report" / "index.html").read_text()  # the trained decoder's renders of the own captions
+    assert "own captions" in report and report.count("_trained.png") == 2
 
 
 def test_resolution_schedule_switches_the_trained_size(tmp_path):

@@ -13,6 +13,8 @@ at the same σ (`eval/loss_own`, `eval/loss_shuffled`, `eval/caption_gain` = the
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -207,8 +209,11 @@ class PretrainTrainer(StageTrainer):
 
     # ------------------------------------------------------------------ evaluation and outputs
     def eval_pairs(self) -> list[TrainImage]:
-        pairs = [p for p in self.dataset.preview(self.config.pretrain.eval_images) if p.reference_caption]
-        return pairs
+        return [p for p in self.dataset.preview(self.config.pretrain.eval_images) if p.reference_caption]
+
+    def ema_weights(self):
+        """Context in which the trained parameters hold their EMA (no-op without one)."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
     @torch.no_grad()
     def conditioning_losses(self, pairs: list[TrainImage]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,7 +227,7 @@ class PretrainTrainer(StageTrainer):
         noise = torch.randn(latents.shape, generator=generator)
         captions = [p.reference_caption for p in pairs]
         shuffled = captions[1:] + captions[:1]
-        with self.ema.applied() if self.ema is not None else _nothing():
+        with self.ema_weights():
             own = self.losses(latents, captions * EVAL_REPEATS, sigmas, noise)
             other = self.losses(latents, shuffled * EVAL_REPEATS, sigmas, noise)
         return own, other
@@ -245,7 +250,7 @@ class PretrainTrainer(StageTrainer):
 
     def finish(self, run_dir) -> None:
         """The final model holds the EMA weights when an EMA is kept."""
-        with self.ema.applied() if self.ema is not None else _nothing():
+        with self.ema_weights():
             super().finish(run_dir)
 
     @torch.no_grad()
@@ -260,9 +265,3 @@ class PretrainTrainer(StageTrainer):
             )  # fmt: skip
         out = self.reward([im.pixels for im in images], renders, num_generations=1)
         return {"trained": (captions, renders, out.with_nan().tolist())}
-
-
-def _nothing():
-    import contextlib
-
-    return contextlib.nullcontext()
