@@ -7,12 +7,18 @@ import shutil
 import subprocess
 from pathlib import Path
 
-# Triton kernels run on CPU tensors only through the interpreter, which must be chosen before any @triton.jit
-# function is defined, i.e. before uae_fast.kernels is imported by a test module.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+def pytest_configure(config):
+    """Triton kernels run on CPU tensors only through the interpreter, which must be chosen before any @triton.jit
+    function is defined, i.e. before uae_fast.kernels is imported by a test module (collection comes after this
+    hook). `pytest -m cuda` on a machine with CUDA runs the compiled kernels instead (the CPU-interpreter tests are
+    deselected there); an explicit TRITON_INTERPRET in the environment always wins."""
+    markexpr = config.getoption("markexpr", "") or ""
+    compiled = markexpr.strip() == "cuda" and torch.cuda.is_available()
+    os.environ.setdefault("TRITON_INTERPRET", "0" if compiled else "1")
 
 
 @pytest.fixture(scope="session", autouse=True)
