@@ -6,13 +6,18 @@ tokens (1024 ViT patches) of a 448 x 448 image. This checkpoint keeps both at th
 small (text hidden 128, 2 layers; ViT 64 wide, 2 blocks; the tiny preset's DiT, VAE and text encoders), so a GRPO step
 runs on a CPU in seconds while its cost profile has the real shape.
 
+Shape `qwen3b` (`prepare(root, shape="qwen3b")`) gives the language model Qwen2.5-VL-3B's widths — hidden 2048, 16
+heads, 2 KV heads (head_dim 128, mrope sections [16, 24, 24]), intermediate 11008 — with 2 layers; the ViT, projector,
+DiT and VAE stay as in `stage2a`. Its LLM has ~470 M parameters (311 M of them the tied 151,936 x 2048 embedding).
+
 The tokenizer is Qwen's layout with made-up pieces: the tiny preset's byte-level BPE (its merges and ~800 pieces),
 filler pieces " aaa", " aab", ... up to 151,643 regular ids, Qwen's 22 special tokens at their real ids
 (151643-151664: ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>``, ..., ``<|image_pad|>`` = 151655, ...), and filler
 again for the ids Qwen pads the embedding with (151665-151935), so every id the model can sample decodes to text.
 Filler pieces are never produced by encoding (no merge builds them) but decode like words, as sampled Qwen ids do.
 
-    python benchmarks/stage2a_setup.py /tmp/uae_s2a     # writes checkpoint/, images/, backbones/ (~10 s)
+    python benchmarks/stage2a_setup.py /tmp/uae_s2a            # writes checkpoint/, images/, backbones/ (~10 s)
+    python benchmarks/stage2a_setup.py /tmp/uae_s2a qwen3b     # the same under /tmp/uae_s2a/qwen3b (~1 min)
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ __all__ = [
     "QWEN_SPECIAL_TOKENS",
     "IMAGE_SIZE",
     "SIZES",
+    "SHAPES",
     "build_tokenizer",
     "build_processor",
     "build_checkpoint",
@@ -66,6 +72,11 @@ QWEN_SPECIAL_TOKENS = [
 ]
 IMAGE_SIZE = 448  # 448 x 448 -> 32 x 32 patches of 14 -> 256 merged image tokens
 SIZES = {"text_hidden": 128, "text_layers": 2, "vision_hidden": 64, "vision_depth": 2, "projector_hidden": 128}
+# Language-model widths per shape (SIZES holds the rest); `qwen3b` = Qwen2.5-VL-3B's text widths, 2 layers.
+SHAPES = {
+    "stage2a": {},
+    "qwen3b": {"hidden_size": 2048, "num_attention_heads": 16, "num_key_value_heads": 2, "intermediate_size": 11008},
+}
 _DONE = "stage2a_setup.json"  # written last: a folder with it is complete and is reused
 
 
@@ -121,13 +132,14 @@ def build_processor(tokenizer):
     )
 
 
-def _encoder(tokenizer, joint_dim: int):
+def _encoder(tokenizer, joint_dim: int, shape: str = "stage2a"):
     from uae_fast.presets.tiny import qwen_encoder, qwen_encoder_config
 
+    widths = SHAPES[shape]
     config = qwen_encoder_config(
         tokenizer,
         vocab_size=QWEN_VOCAB_SIZE,
-        text_hidden=SIZES["text_hidden"],
+        text_hidden=widths.get("hidden_size", SIZES["text_hidden"]),
         vision_hidden=SIZES["vision_hidden"],
         projector_hidden=SIZES["projector_hidden"],
         joint_dim=joint_dim,
@@ -137,10 +149,16 @@ def _encoder(tokenizer, joint_dim: int):
         rope_theta=1000000.0,
         tie_word_embeddings=True,  # as Qwen2.5-VL-3B, UAE's encoder
     )
+    if widths:
+        for key, value in widths.items():
+            setattr(config.text_config, key, value)
+        head_dim = widths["hidden_size"] // widths["num_attention_heads"]
+        assert head_dim == 128, head_dim
+        config.text_config.rope_parameters["mrope_section"] = [16, 24, 24]  # Qwen2.5-VL's, head_dim 128
     return qwen_encoder(config)
 
 
-def build_checkpoint(folder: str | Path, seed: int = 0) -> Path:
+def build_checkpoint(folder: str | Path, seed: int = 0, shape: str = "stage2a") -> Path:
     """Write the realistic-tiny UAE to `folder` in the released layout (llm/, SD3/, dit/); returns the folder.
 
     `uae_fast.load(folder)` loads it; `Qwen2_5_VLForConditionalGeneration.from_pretrained(folder / "llm")` loads the
@@ -156,7 +174,7 @@ def build_checkpoint(folder: str | Path, seed: int = 0) -> Path:
         torch.manual_seed(seed)
         tokenizer = build_tokenizer()
         processor = build_processor(tokenizer)
-        encoder = _encoder(tokenizer, TINY["joint_dim"])
+        encoder = _encoder(tokenizer, TINY["joint_dim"], shape)
         text_encoders = _text_encoders(
             AutoTokenizer.from_pretrained(assets / "clip_tokenizer"),
             AutoTokenizer.from_pretrained(assets / "t5_tokenizer"),
@@ -186,19 +204,22 @@ def write_images(folder: str | Path, size: int = IMAGE_SIZE) -> list[Path]:
     return paths
 
 
-def prepare(root: str | Path, seed: int = 0) -> dict[str, str]:
+def prepare(root: str | Path, seed: int = 0, shape: str = "stage2a") -> dict[str, str]:
     """Build (or reuse) root/checkpoint, root/images and root/backbones; returns their paths as strings.
 
-    Keys: "checkpoint", "images", "dinov2" (tiny DINOv2 reward backbone folder).
+    Keys: "checkpoint", "images", "dinov2" (tiny DINOv2 reward backbone folder). `shape` (a key of SHAPES) other
+    than "stage2a" builds into root/<shape>, so one root holds every shape.
     """
     from uae_fast.rewards import save_tiny_backbones
 
-    root = Path(root)
+    if shape not in SHAPES:
+        raise ValueError(f"shape must be one of {sorted(SHAPES)}, got {shape!r}")
+    root = Path(root) if shape == "stage2a" else Path(root) / shape
     done = root / _DONE
     if done.exists():
         return json.loads(done.read_text())
     root.mkdir(parents=True, exist_ok=True)
-    build_checkpoint(root / "checkpoint", seed)
+    build_checkpoint(root / "checkpoint", seed, shape)
     write_images(root / "images")
     backbones = save_tiny_backbones(root / "backbones", seed)
     paths = {"checkpoint": str(root / "checkpoint"), "images": str(root / "images"), "dinov2": str(backbones["dinov2"])}
@@ -207,4 +228,5 @@ def prepare(root: str | Path, seed: int = 0) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(prepare(sys.argv[1] if len(sys.argv) > 1 else "/tmp/uae_s2a"), indent=2))
+    root = sys.argv[1] if len(sys.argv) > 1 else "/tmp/uae_s2a"
+    print(json.dumps(prepare(root, shape=sys.argv[2] if len(sys.argv) > 2 else "stage2a"), indent=2))
