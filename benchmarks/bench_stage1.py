@@ -38,8 +38,12 @@ process, its counter reset once the child is built (baseline = models, trainer a
 (files -> decoded pixels and captions), condition (caption -> prompt embeddings: LLM unless cached, projector),
 encode (pixels -> VAE latents), update (DiT forward and backward, clipping, AdamW).
 
-    python benchmarks/bench_stage1.py            # 2 DiT blocks, 512^2: ~5 min
-    python benchmarks/bench_stage1.py --quick    # 1 DiT block, 256^2: ~2 min
+The update (the same DiT forward and backward in every row) dominates at the full shape: see the README for the
+measured table and what the cache can and cannot save. `--quick` shrinks the DiT (1 block at 256^2) but not the LLM,
+so its ratios overstate what the conditioning cache is worth.
+
+    python benchmarks/bench_stage1.py --threads 1            # 2 DiT blocks, 512^2: ~10 min on 2 busy cores
+    python benchmarks/bench_stage1.py --quick --threads 1    # 1 DiT block, 256^2: ~5 min
 """
 
 from __future__ import annotations
