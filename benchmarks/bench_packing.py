@@ -6,7 +6,11 @@ plain DataLoader + collate does). Ours packs under a token budget; its "padding"
 leaves unused if padded to the budget (with varlen attention nothing is padded at all). Packing time includes
 building cu_seqlens, position ids and the gather indices (everything the training step needs).
 
-Usage: python benchmarks/bench_packing.py [--quick]
+Speed peer: the same first-fit-decreasing packing written inline in Python, as a trainer would (sort by length, put
+each sequence in the first micro-batch with room, then NumPy cu_seqlens and position ids per micro-batch). Both
+sides are timed the same way: one warm-up call each, then --repeats rounds of one call each, interleaved, median.
+
+Usage: python benchmarks/bench_packing.py [--quick] [--repeats N]
 """
 
 from __future__ import annotations
@@ -14,12 +18,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from utils import markdown_table  # noqa: E402
+from utils import interleaved_medians, markdown_table  # noqa: E402
 
 from uae_fast.rl import pack_sequences  # noqa: E402
 
@@ -34,9 +37,11 @@ def naive_padding(lengths: np.ndarray, batch: int) -> float:
     return 1.0 - lengths.sum() / padded
 
 
-def python_ffd_seconds(lengths: np.ndarray, budget: int) -> float:
+PEER = "pure-Python FFD (sorted; first bin with room; NumPy cu_seqlens + position ids)"
+
+
+def python_ffd(lengths: np.ndarray, budget: int) -> list[list[int]]:
     """A straightforward pure-Python FFD (the peer a trainer would write inline), for the speed ratio."""
-    start = time.perf_counter()
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     free: list[int] = []
     bins: list[list[int]] = []
@@ -53,14 +58,15 @@ def python_ffd_seconds(lengths: np.ndarray, budget: int) -> float:
         lens = lengths[seqs]
         np.concatenate([[0], np.cumsum(lens)])
         np.concatenate([np.arange(n) for n in lens])
-    return time.perf_counter() - start
+    return bins
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer timing repeats (same rows)")
-    args = parser.parse_args()
-    repeats = 3 if args.quick else 15
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per side (default 15, quick 3)")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (3 if args.quick else 15)
     lengths = caption_lengths(4096)
     tokens = int(lengths.sum())
     spread = f"lengths {lengths.min()}-{lengths.max()} (median {np.median(lengths):.0f})"
@@ -68,13 +74,14 @@ def main() -> None:
     rows = []
     for budget in (4096, 8192, 16384):
         batch = max(1, budget // 600)  # naive batch size that always fits the budget
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            packed = pack_sequences(lengths, budget)
-            times.append(time.perf_counter() - start)
-        t = float(np.median(times))
-        t_py = python_ffd_seconds(lengths, budget)
+        packed = pack_sequences(lengths, budget)
+        assert len(packed.batches) == len(python_ffd(lengths, budget))  # same algorithm, same micro-batch count
+        times = interleaved_medians(
+            {"ours": lambda: pack_sequences(lengths, budget), "peer": lambda: python_ffd(lengths, budget)},
+            repeats=repeats,
+            warmup=1,
+        )
+        t, t_py = times["ours"], times["peer"]
         rows.append(
             {
                 "token budget": budget,
@@ -84,11 +91,13 @@ def main() -> None:
                 "ours: padding (unused budget)": f"{packed.padding_fraction():.2%}",
                 "ours: pack time": f"{t * 1e3:.2f} ms",
                 "ours: M tokens/s": f"{tokens / t / 1e6:.0f}",
-                "pure-Python FFD": f"{t_py * 1e3:.0f} ms",
-                "speed vs Python": f"{t_py / t:.0f}x",
+                "peer": PEER,
+                "peer: pack time": f"{t_py * 1e3:.1f} ms",
+                "speed vs peer": f"{t_py / t:.0f}x",
             }
         )
     print(markdown_table(rows, list(rows[0])))
+    print(f"\nCPU, 1 process; pack times: warm, interleaved, median of {repeats} (both sides)")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,11 @@ finishes; depth scales both paths alike).
 
     python benchmarks/bench_reward.py            # B=16, G=8, ~3-4 min on 2 shared cores
     python benchmarks/bench_reward.py --quick    # B=4, under a minute
+    python benchmarks/bench_reward.py --device cuda   # on a GPU (bf16 backbones, Triton reward kernel)
 
-Peak memory: each variant runs once in a fresh child process; the figure is the peak RSS it adds to its inputs.
+Timing: every variant (ours and the peer alike) gets one untimed warm-up call, then --repeats rounds of one call
+each, interleaved, median (on CUDA each call ends with a synchronise). Peak memory: each variant runs once more in a
+fresh child process after its warm-up; the figure is the peak RSS (CUDA: allocated memory) it adds to its inputs.
 """
 
 from __future__ import annotations
@@ -42,12 +45,21 @@ from utils import (  # noqa: E402
 __all__ = ["build_backbones", "per_pair_reward", "main"]
 
 
-def build_backbones(kind: str, depth: int) -> dict:
-    """name → FeatureExtractor for a backbone set ("tiny" or "vit-b")."""
+PEER = "per-pair: each (source, reconstruction) pair and backbone encoded as 2 batches of 1, cosine, Python sum"
+OURS = {
+    "ours (cold cache)": "batched: sources once, B*G reconstructions in one batch per backbone, fused reward kernel",
+    "ours (warm cache)": "as cold, source features from the cache (a step that revisits its sources)",
+}
+
+
+def build_backbones(kind: str, depth: int, device: str = "cpu") -> dict:
+    """name → FeatureExtractor for a backbone set ("tiny" or "vit-b"); bf16 on CUDA."""
     from uae_fast.rewards import load_backbones
 
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if kind == "tiny":
-        return load_backbones({n: "tiny" for n in ("clip", "dinov2", "dinov3", "longclip")}, device="cpu")
+        names = ("clip", "dinov2", "dinov3", "longclip")
+        return load_backbones({n: "tiny" for n in names}, device=device, dtype=dtype)
     from transformers import Dinov2Config, Dinov2Model
 
     from uae_fast.rewards.backbones import FeatureExtractor, _cls_token
@@ -63,7 +75,8 @@ def build_backbones(kind: str, depth: int) -> dict:
         image_size=224,
     )
     pre = TensorPreprocess(shortest_edge=256, crop=(224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    return {"dinov2": FeatureExtractor("dinov2", Dinov2Model(config), pre, _cls_token, 768, "random ViT-B-like")}
+    model = Dinov2Model(config).to(device=device, dtype=dtype)
+    return {"dinov2": FeatureExtractor("dinov2", model, pre, _cls_token, 768, "random ViT-B-like")}
 
 
 def per_pair_reward(backbones: dict, weights: dict, sources: torch.Tensor, recons: torch.Tensor, g: int):
@@ -79,20 +92,21 @@ def per_pair_reward(backbones: dict, weights: dict, sources: torch.Tensor, recon
     return torch.tensor(out)
 
 
-def _inputs(b: int, g: int, src_hw: tuple[int, int], rec_size: int):
+def _inputs(b: int, g: int, src_hw: tuple[int, int], rec_size: int, device: str = "cpu"):
     gen = torch.Generator().manual_seed(0)
     sources = torch.rand(b, 3, *src_hw, generator=gen)
     recons = torch.rand(b * g, 3, rec_size, rec_size, generator=gen)
-    return sources, recons
+    return sources.to(device), recons.to(device)
 
 
 def _variants(args, kind: str):
     from uae_fast.rewards import ReconstructionReward
 
-    backbones = build_backbones(kind, args.depth)
+    backbones = build_backbones(kind, args.depth, args.device)
     weights = {n: 1.0 / len(backbones) for n in backbones}
     reward = ReconstructionReward(backbones, weights, cache_size=4096)
-    sources, recons = _inputs(args.batch, args.generations, (args.src_height, args.src_width), args.rec_size)
+    hw = (args.src_height, args.src_width)
+    sources, recons = _inputs(args.batch, args.generations, hw, args.rec_size, args.device)
     ids = list(range(args.batch))
 
     def ours_cold():
@@ -105,7 +119,19 @@ def _variants(args, kind: str):
     def per_pair():
         return per_pair_reward(backbones, weights, sources, recons, args.generations)
 
-    return {"ours (cold cache)": ours_cold, "ours (warm cache)": ours_warm, "per-pair": per_pair}
+    variants = {"ours (cold cache)": ours_cold, "ours (warm cache)": ours_warm, "per-pair": per_pair}
+    if args.device != "cuda":
+        return variants
+
+    def synced(fn):
+        def run():
+            out = fn()
+            torch.cuda.synchronize()
+            return out
+
+        return run
+
+    return {name: synced(fn) for name, fn in variants.items()}
 
 
 def _child(args) -> None:
@@ -113,6 +139,11 @@ def _child(args) -> None:
     variants = _variants(args, args.kind)
     fn = variants[args.child]
     fn()  # warm-up (and fills the warm cache)
+    if args.device == "cuda":
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        return child_report({"peak_mb": (torch.cuda.max_memory_allocated() - before) / 2**20})
     reset_peak_rss()
     before = peak_rss_mb()
     fn()
@@ -131,6 +162,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on shared cores)")
     p.add_argument("--kinds", nargs="+", default=["tiny", "vit-b"], choices=["tiny", "vit-b"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu (fp32) or cuda (bf16 backbones)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--kind", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -150,7 +182,7 @@ def main(argv=None) -> None:
         ours, peer = variants["ours (cold cache)"](), variants["per-pair"]()
         err = float((ours - peer).abs().max())
         start = time.perf_counter()
-        times = interleaved_medians(variants, repeats=args.repeats, warmup=0 if args.quick else 1)
+        times = interleaved_medians(variants, repeats=args.repeats, warmup=1)  # the same for every variant
         print(f"[{kind}] timed in {time.perf_counter() - start:.0f} s; max |reward diff| = {err:.2e}", file=sys.stderr)
         for name, t in times.items():
             peak = "–"
@@ -162,6 +194,7 @@ def main(argv=None) -> None:
                 {
                     "backbones": kind,
                     "variant": name,
+                    "what it does": OURS.get(name, PEER),
                     "B x G": f"{args.batch} x {args.generations}",
                     "time (s)": f"{t:.3f}",
                     "images/s": f"{n / t:.1f}",
@@ -170,9 +203,14 @@ def main(argv=None) -> None:
                 }
             )
     print(markdown_table(rows, list(rows[0])))
+    where = "CUDA, bf16" if args.device == "cuda" else f"CPU, fp32, {args.threads} thread(s)"
+    print(
+        f"\n{where}; sources {args.src_height}x{args.src_width}, reconstructions {args.rec_size}^2; every variant: "
+        f"1 warm-up call, then median of {args.repeats} interleaved rounds"
+    )
 
 
-_PASS = ("batch", "generations", "rec_size", "src_height", "src_width", "depth", "threads")
+_PASS = ("batch", "generations", "rec_size", "src_height", "src_width", "depth", "threads", "device")
 
 if __name__ == "__main__":
     main()
