@@ -98,17 +98,21 @@ class ColdStartTrainer(StageTrainer):
     # ------------------------------------------------------------------ the differentiable reconstruction
     @torch.no_grad()
     def caption(self, images: list[TrainImage], *, greedy: bool = False) -> list[str]:
-        """One caption per image from the current captioner (sampled with this step's seed, or greedy)."""
+        """One caption per image (sampled with this step's seed, or greedy), by the base captioner unless
+        `cold_start.caption_with_adapters`: the tokens carry no gradient, and the LoRA trained through the conditioning
+        then does not also move what is captioned (the evaluation's captions stay the same from start to end)."""
         cfg = self.config
         greedy = greedy or cfg.cold_start.captions == "greedy"
         generator = torch.Generator(self.device).manual_seed(stable_seed(cfg.seed, self.step, 7))
-        return self.captioner.caption(
-            [im.pixels for im in images],
-            max_new_tokens=cfg.max_completion_length,
-            temperature=0.0 if greedy else cfg.temperature,
-            top_p=cfg.top_p,
-            generator=generator,
-        )
+        adapters = cfg.cold_start.caption_with_adapters
+        with contextlib.nullcontext() if adapters else self.captioner.adapters_disabled():
+            return self.captioner.caption(
+                [im.pixels for im in images],
+                max_new_tokens=cfg.max_completion_length,
+                temperature=0.0 if greedy else cfg.temperature,
+                top_p=cfg.top_p,
+                generator=generator,
+            )
 
     def condition(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(embeds [B, L, D], mask [B, L], pooled [B, P]), under autograd in `llm` mode: the encoder's LLM (LoRA on)
