@@ -156,7 +156,8 @@ def run_liger(x, train_head):
 def run_bare(x, train_head, chunk=None, block=None, layout=None):
     """The GEMMs any exact loss must do, chunk by chunk and block by block: logits z = h·W_bᵀ, then d/dh += z·W_b
     (and d/dW_b += zᵀ·h), accumulated in place over blocks and chunks (what a fused loss must keep). No softmax, no
-    loss arithmetic. Settings default to those `search_bare` picked for this head (x.bare)."""
+    loss arithmetic. Settings default to those `search_bare` picked for this head (x.bare). Returns the buffers (for
+    tests): d/dh of the last chunk [c, H] and d/dW [V, H] (None for a frozen head), with the logits as the "p"."""
     if chunk is None and block is None and layout is None and train_head in x.bare:
         chunk, block, layout = x.bare[train_head]
     layout = layout or "vocab-major"
@@ -186,6 +187,7 @@ def run_bare(x, train_head, chunk=None, block=None, layout=None):
                 gh.addmm_(z, wb, beta=first)
                 if train_head:
                     grad_w[b : b + m].addmm_(z.t(), hc, beta=0.0 if a == 0 else 1.0)
+    return grad_h, grad_w  # the last chunk's d/dh (a real loss would consume each chunk's) and d/dW
 
 
 def bare_settings(settings) -> str:
