@@ -8,16 +8,18 @@ Rows, all on the same model in the same process, interleaved round by round (med
 - `generate, prompt x G`: TRL's way — every prompt (and its image) repeated G times, `processor` + `generate`.
 - `generate, num_return_sequences=G`: B prompts, `generate` expands them after preprocessing (the vision tower and
   the prompt prefill still run G times per image, on the expanded batch).
-- `before (<rev>)`: `Captioner.sample` as it was at git revision --before (the DynamicCache token loop), loaded from
-  git in this process; skipped when git or the revision is not at hand.
+- `before (<rev>)`: `Captioner.sample` as it was at git revision --before (default: the last one with the
+  DynamicCache token loop: the prefix cache repeated G times, every row forwarded through transformers' text model
+  every token until all have ended), loaded from git into this process; skipped when git or the revision is missing.
 - `ours`: `Captioner.sample` now (one prefill per image, prefix-shared static KV cache, finished rows dropped).
 
 Shapes: `stage2a` is the stage-2a benchmark's encoder (`stage2a_setup.py`: vocabulary 151,936, text hidden 128,
 2 layers); `qwen3b` has Qwen2.5-VL-3B's text widths (hidden 2048, 16 heads, 2 KV heads, intermediate 11008,
 vocabulary 151,936) with 2 layers and the same small vision tower; `tiny` is the tiny preset (tests). Weights are
 random, so captions mostly run to --max-tokens; tokens/s counts the tokens actually sampled (end token included).
-Peak memory: what the call adds to the process's resident memory (VmHWM after − VmRSS before; glibc is told to
-return large blocks to the system so each call starts from the same base).
+Peak memory: what one more call of each row adds to the process's resident memory after the timed rounds (VmHWM
+after − VmRSS before; glibc is then told to return large freed blocks to the system, so each call starts from the
+same base — the timed rounds run with glibc's defaults).
 
     python benchmarks/bench_rollout.py            # both shapes, B=4 x G=8, 32 new tokens, 5 repeats (~10 min)
     python benchmarks/bench_rollout.py --quick    # B=2 x G=4, 8 new tokens, 2 repeats (about a minute)
@@ -49,6 +51,7 @@ __all__ = ["build", "variants", "main"]
 
 TEMPERATURE = 0.7
 REPO = Path(__file__).resolve().parents[1]
+BEFORE = "74df164"  # the last revision whose Captioner.sample ran the DynamicCache token loop
 QWEN3B = {"hidden_size": 2048, "num_attention_heads": 16, "num_key_value_heads": 2, "intermediate_size": 11008}
 
 
@@ -188,6 +191,7 @@ def _child(args) -> None:
     torch.set_num_threads(args.threads)
     _quiet()
     encoder, processor = build(args.child, args.seed)
+    encoder.to(getattr(torch, args.dtype))
     images = source_images(args.images, args.size)
     runs = variants(encoder, processor, images, args.generations, args.max_tokens, args.before)
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -196,15 +200,19 @@ def _child(args) -> None:
     for round_ in range(args.warmup + args.repeats):
         for name, run in runs.items():
             torch.manual_seed(args.seed + round_)
-            base = current_rss_mb()
-            reset_peak_rss()
             start = time.perf_counter()
             count = run()
             elapsed = time.perf_counter() - start
             if round_ >= args.warmup:
                 times[name].append(elapsed)
                 tokens[name].append(count)
-                peaks[name].append(peak_rss_mb() - base)
+    _return_freed_memory()  # then one more call each, for memory only (timings above ran with glibc's defaults)
+    for name, run in runs.items():
+        torch.manual_seed(args.seed)
+        base = current_rss_mb()
+        reset_peak_rss()
+        run()
+        peaks[name].append(peak_rss_mb() - base)
     child_report(
         {
             name: {
@@ -216,6 +224,20 @@ def _child(args) -> None:
             for name in runs
         }
     )
+
+
+def _return_freed_memory() -> None:
+    """Make glibc hand large freed blocks back to the system (fixed 128 KiB mmap/trim thresholds, then a trim), so
+    the resident size before each memory-measuring call is the same base. Linux/glibc only; a no-op elsewhere."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 131072)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 131072)  # M_TRIM_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _quiet() -> None:
@@ -256,7 +278,12 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds (default 1)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    p.add_argument("--before", default=None, help="git revision of today's rollout to compare with (default: none)")
+    p.add_argument(
+        "--before",
+        default=BEFORE,
+        help=f"git revision of the rollout to compare with ('' for none; default {BEFORE}, the DynamicCache loop)",
+    )
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype, every row")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -266,19 +293,18 @@ def main(argv=None) -> list[dict]:
         return _child(args)
     passed = ["--images", str(args.images), "--generations", str(args.generations), "--size", str(args.size)]
     passed += ["--max-tokens", str(args.max_tokens), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
-    passed += ["--threads", str(args.threads), "--seed", str(args.seed)]
-    passed += ["--before", args.before] if args.before else []
-    env = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+    passed += ["--threads", str(args.threads), "--seed", str(args.seed), "--dtype", args.dtype]
+    passed += ["--before", args.before]
     rows = []
     for shape in args.shapes:
         start = time.perf_counter()
-        result = measure_peak_in_child(__file__, [*passed, "--child", shape], env=env)
+        result = measure_peak_in_child(__file__, [*passed, "--child", shape])
         print(f"{shape}: child took {time.perf_counter() - start:.0f} s", file=sys.stderr)
         rows += rows_of(shape, result)
     print(
         f"\nCaption rollout, B={args.images} images x G={args.generations}, max {args.max_tokens} new tokens, "
-        f"temperature {TEMPERATURE}, {args.size}x{args.size} images, {args.threads} threads, CPU; medians of "
-        f"{args.repeats} interleaved rounds\n"
+        f"temperature {TEMPERATURE}, {args.size}x{args.size} images, {args.dtype}, {args.threads} threads, CPU; "
+        f"medians of {args.repeats} interleaved rounds\n"
     )
     print(markdown_table(rows, list(rows[0])))
     return rows

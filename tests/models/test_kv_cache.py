@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from uae_fast.models.captioner import Captioner, sample_token
-from uae_fast.models.kv_cache import PrefixSharedKVCache, cascade_attention
+from uae_fast.models.kv_cache import PrefixSharedKVCache
 
 
 @pytest.fixture(scope="module")
@@ -61,52 +61,46 @@ def _assert_same(ours, reference):
 
 
 # ------------------------------------------------------------------ attention
-def _expanded_attention(q, pk, pv, mask, keys, values, slot, g):
-    """SDPA over [prefix repeated per row ; new tokens], with transformers' KV-head grouping."""
-    owner = slot // g
-    k = torch.cat([pk[owner], keys], dim=2)
-    v = torch.cat([pv[owner], values], dim=2)
-    allowed = torch.cat([mask[owner].bool(), torch.ones(len(slot), keys.shape[2], dtype=torch.bool)], dim=1)
+def _expanded_attention(q, pk, pv, mask, own_k, own_v, owner):
+    """SDPA of each row over [its image's prefix, repeated per row ; its own tokens], transformers' KV grouping."""
+    k = torch.cat([pk[owner], own_k], dim=2)
+    v = torch.cat([pv[owner], own_v], dim=2)
+    allowed = torch.cat([mask[owner].bool(), torch.ones(len(owner), own_k.shape[2], dtype=torch.bool)], dim=1)
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    return F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=allowed[:, None, None])[:, :, 0]
+    out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=allowed[:, None, None])[:, :, 0]
+    return out.reshape(len(owner), -1)
 
 
-@pytest.mark.parametrize("dropped", [False, True])
-def test_cascade_attention_equals_sdpa_over_the_repeated_prefix(dropped):
+@pytest.mark.parametrize("graph_mode", [False, True])
+def test_attention_equals_sdpa_over_the_repeated_prefix(graph_mode):
+    """Prompts of different lengths (right-padded), rows dropped after step 1; a 0-d step tensor (all slots, future
+    ones masked: fixed shapes for CUDA graphs) gives what the sliced step gives."""
     torch.manual_seed(0)
-    b, g, heads, kv_heads, d, p, length = 3, 4, 8, 2, 16, 9, 5
+    b, g, heads, kv_heads, d, p, t = 3, 4, 8, 2, 16, 9, 5
     pk, pv = torch.randn(b, kv_heads, p, d), torch.randn(b, kv_heads, p, d)
-    mask = torch.ones(b, p)
-    mask[0, 6:], mask[2, 3:] = 0, 0  # right-padded prompts of different lengths
-    bias = torch.zeros(b, 1, 1, p).masked_fill(mask[:, None, None] == 0, float("-inf"))
-    slot = torch.tensor([0, 2, 3, 5, 9, 10]) if dropped else torch.arange(b * g)
-    n = len(slot)
-    q = torch.randn(n, heads, d)
-    keys, values = torch.randn(n, kv_heads, length, d), torch.randn(n, kv_heads, length, d)
-    ours = cascade_attention(q, pk, pv, bias, keys, values, None, slot, g)
-    torch.testing.assert_close(ours, _expanded_attention(q, pk, pv, mask, keys, values, slot, g), atol=1e-5, rtol=0)
-
-
-def test_graph_mode_masks_the_unfilled_slots_like_the_sliced_step():
-    """A 0-d step tensor (all T slots, future ones masked: fixed shapes for CUDA graphs) == a Python step."""
-    torch.manual_seed(1)
-    b, g, kv_heads, d, p, t = 2, 3, 2, 8, 5, 6
-    prefix = [(torch.randn(b, kv_heads, p, d), torch.randn(b, kv_heads, p, d))]
     mask = torch.ones(b, p, dtype=torch.long)
-    mask[1, 4:] = 0
-    caches = [PrefixSharedKVCache(prefix, mask, g, t) for _ in range(2)]
-    for cache in caches:
-        cache.keep(torch.tensor([0, 1, 4]))  # rows 0, 1 (image 0) and 4 (image 1) live on
-    out = []
-    for step in range(3):
-        q, k, v = torch.randn(3, 4, d), torch.randn(3, kv_heads, d), torch.randn(3, kv_heads, d)
-        sliced = caches[0].attend(0, q, k, v, step, step + 1)
-        graphed = caches[1].attend(0, q, k, v, torch.tensor(step), None)
-        torch.testing.assert_close(graphed, sliced, atol=1e-6, rtol=0)
-        out.append(sliced)
-    assert torch.equal(caches[0].slot[:3], torch.tensor([0, 1, 4]))
-    assert torch.equal(caches[0].keys[0][:3, :, :3], caches[1].keys[0][:3, :, :3])
+    mask[0, 6:], mask[2, 3:] = 0, 0
+    cache = PrefixSharedKVCache([(pk, pv)], mask, g, t)
+    rows = torch.arange(b * g)
+    history_k, history_v = torch.zeros(b * g, kv_heads, 0, d), torch.zeros(b * g, kv_heads, 0, d)
+    for step in range(4):
+        if step == 2:
+            keep = torch.tensor([0, 2, 3, 5, 9])  # of the live rows: rows 0, 2, 3, 5 (images 0, 1) and 9 (image 2)
+            cache.keep(keep)
+            rows, history_k, history_v = rows[keep], history_k[keep], history_v[keep]
+        n = len(rows)
+        q, k, v = torch.randn(n, heads, d), torch.randn(n, kv_heads, d), torch.randn(n, kv_heads, d)
+        history_k = torch.cat([history_k, k[:, :, None]], dim=2)
+        history_v = torch.cat([history_v, v[:, :, None]], dim=2)
+        ours = (
+            cache.attend(0, q, k, v, torch.tensor(step), None)
+            if graph_mode
+            else cache.attend(0, q, k, v, step, step + 1)
+        )
+        expected = _expanded_attention(q, pk, pv, mask, history_k, history_v, rows // g)
+        torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+    assert torch.equal(cache.slot[: cache.live], rows)
 
 
 # ------------------------------------------------------------------ the loop against the DynamicCache loop
@@ -125,8 +119,9 @@ def test_same_tokens_as_the_dynamic_cache_loop(captioner, demo, temperature, top
 
 
 def test_finished_rows_are_dropped_and_the_rest_is_unchanged(captioner, demo, monkeypatch):
-    """Hot sampling ends rows at different steps: they leave the batch at the next check, live rows carry on with
-    the same draws (one uniform per original row per step), and every completion equals the reference's."""
+    """Hot sampling ends rows at different steps: they leave the batch at the next check (their cache slots stay
+    where they are), live rows carry on with the same draws (one uniform per original row per step), and every
+    completion equals the reference's."""
     kept = []
     keep = PrefixSharedKVCache.keep
 

@@ -3,9 +3,12 @@ and the stage-2a trainer (through its subclass `uae_fast.train.policy.CaptionPol
 
 Why not `generate()`: `generate(num_return_sequences=G)` repeats every image G times through the vision tower and
 the prompt prefill. Here each image is preprocessed (C++ `qwen_preprocess`, equal to the processor's output), run
-through the ViT and prefilled **once**; the KV cache is then repeated G times and the captions are sampled token by
-token (inverse-CDF sampling, vision and chat special tokens masked). Greedy decoding equals transformers'
-`generate` (tested); sampling draws from the same distribution as its temperature / top-p warpers (tested).
+through the ViT and prefilled **once**; its prefix KV cache is shared, not copied, by its G rows in a pre-allocated
+static cache (`kv_cache.PrefixSharedKVCache`), and the captions are sampled token by token on the device
+(`sampling.sample_tokens`: inverse-CDF sampling, vision and chat special tokens masked, finished rows dropped, a
+CUDA graph per step on GPUs). Greedy decoding equals transformers' `generate` (tested); sampling draws from the same
+distribution as its temperature / top-p warpers (tested), and a seed gives the tokens of the DynamicCache loop this
+replaced (tested).
 """
 
 from __future__ import annotations
@@ -214,7 +217,7 @@ class Captioner:
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
     ) -> Completions:
-        """Sample G captions per image: one prefill per image, its KV cache repeated G times, then token by token.
+        """Sample G captions per image: one prefill per image, its KV cache shared by the G rows, then token by token.
 
         Special tokens other than the end tokens are never sampled (a sampled image placeholder would break the
         next forward). `temperature` 0 is greedy. `generator` (on the model's device) seeds the draws; None uses

@@ -159,8 +159,15 @@ def sample_tokens(
     step = CudaGraphStep(lm, cache, hidden.shape[1], hidden.dtype, device) if graphed else None
     # 1/T folded into the head's input (n x H) instead of a pass over the n x V logits
     fold = temperature > 0 and getattr(head, "bias", None) is None
+    # a plain fp32 head writes into one buffer: no fresh [n, V] allocation (and its page faults) per token
+    plain = type(head) is torch.nn.Linear and head.bias is None and head.weight.dtype == torch.float32
+    buffer = torch.empty((rows, head.weight.shape[0]), device=device) if plain and not graphed else None
     for t in range(max_new_tokens):
-        logits = head(hidden * (1.0 / temperature) if fold else hidden).float()  # [n, V]
+        x = hidden * (1.0 / temperature) if fold else hidden
+        if buffer is not None and x.dtype == torch.float32:
+            logits = torch.mm(x, head.weight.t(), out=buffer[:n])  # [n, V]
+        else:
+            logits = head(x).float()
         logits.index_fill_(1, banned, float("-inf"))
         uniform = None
         if temperature > 0:
