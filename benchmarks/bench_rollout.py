@@ -206,9 +206,9 @@ def _child(args) -> None:
             if round_ >= args.warmup:
                 times[name].append(elapsed)
                 tokens[name].append(count)
-    _return_freed_memory()  # then one more call each, for memory only (timings above ran with glibc's defaults)
-    for name, run in runs.items():
+    for name, run in runs.items():  # then one more call each, for memory only (timings ran with glibc's defaults)
         torch.manual_seed(args.seed)
+        _return_freed_memory()  # what earlier calls freed would otherwise be reused without raising the RSS
         base = current_rss_mb()
         reset_peak_rss()
         run()
