@@ -21,8 +21,8 @@ Peak memory: what one more call of each row adds to the process's resident memor
 after − VmRSS before; glibc is then told to return large freed blocks to the system, so each call starts from the
 same base — the timed rounds run with glibc's defaults).
 
-    python benchmarks/bench_rollout.py            # both shapes, B=4 x G=8, 32 new tokens, 5 repeats (~10 min)
-    python benchmarks/bench_rollout.py --quick    # B=2 x G=4, 8 new tokens, 2 repeats (about a minute)
+    python benchmarks/bench_rollout.py            # both shapes, B=4 x G=8, 32 new tokens, 5 repeats (~15 min)
+    python benchmarks/bench_rollout.py --quick    # B=2 x G=4, 8 new tokens, 2 repeats (a minute or two)
 """
 
 from __future__ import annotations
@@ -277,7 +277,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--size", type=int, default=448, help="source image side in pixels (default 448)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds (default 1)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    # 1 by default: on the shared 2-core machines, 2 threads made every parallel op wait on a descheduled thread
+    # (the same rollout took 2-10x longer, and the rows' ratios swung from 0.9x to 1.8x between runs).
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument(
         "--before",
         default=BEFORE,
