@@ -22,7 +22,7 @@ after − VmRSS before; glibc is then told to return large freed blocks to the s
 same base — the timed rounds run with glibc's defaults).
 
     python benchmarks/bench_rollout.py            # both shapes, B=4 x G=8, 32 new tokens, 5 repeats (~15 min)
-    python benchmarks/bench_rollout.py --quick    # B=2 x G=4, 8 new tokens, 2 repeats (a minute or two)
+    python benchmarks/bench_rollout.py --quick    # B=2 x G=4, 8 new tokens, 2 repeats (~3 min; the tiny shape ~20 s)
 """
 
 from __future__ import annotations
@@ -269,7 +269,7 @@ def rows_of(shape: str, result: dict) -> list[dict]:
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="B=2 x G=4, 8 new tokens, 2 repeats (about a minute)")
+    p.add_argument("--quick", action="store_true", help="B=2 x G=4, 8 new tokens, 2 repeats (~3 min for both shapes)")
     p.add_argument("--shapes", nargs="+", default=["stage2a", "qwen3b"], choices=["stage2a", "qwen3b", "tiny"])
     p.add_argument("--images", type=int, default=4, help="source images B (default 4)")
     p.add_argument("--generations", type=int, default=8, help="captions per image G (default 8)")
