@@ -121,7 +121,7 @@ def _captioner_at(rev: str):
     return module.Captioner
 
 
-def variants(encoder, processor, images, generations: int, max_tokens: int, before: str | None) -> dict:
+def variants(encoder, processor, images, generations: int, max_tokens: int, before: str | None, device="cpu") -> dict:
     """name -> callable returning the number of sampled tokens of one rollout."""
     import numpy as np
     import torch
@@ -159,7 +159,7 @@ def variants(encoder, processor, images, generations: int, max_tokens: int, befo
                 padding=True,
                 padding_side="left",
                 return_tensors="pt",
-            )
+            ).to(device)
             with torch.no_grad():
                 out = encoder.generate(**inputs, num_return_sequences=sequences, **settings)
             return generated(out, inputs["input_ids"].shape[1])
@@ -191,9 +191,10 @@ def _child(args) -> None:
     torch.set_num_threads(args.threads)
     _quiet()
     encoder, processor = build(args.child, args.seed)
-    encoder.to(getattr(torch, args.dtype))
+    encoder.to(device=args.device, dtype=getattr(torch, args.dtype))
+    cuda = args.device == "cuda"
     images = source_images(args.images, args.size)
-    runs = variants(encoder, processor, images, args.generations, args.max_tokens, args.before)
+    runs = variants(encoder, processor, images, args.generations, args.max_tokens, args.before, args.device)
     times: dict[str, list[float]] = {name: [] for name in runs}
     tokens: dict[str, list[int]] = {name: [] for name in runs}
     peaks: dict[str, list[float]] = {name: [] for name in runs}
@@ -202,12 +203,20 @@ def _child(args) -> None:
             torch.manual_seed(args.seed + round_)
             start = time.perf_counter()
             count = run()
+            if cuda:
+                torch.cuda.synchronize()  # asynchronous kernels are charged to the rollout that launched them
             elapsed = time.perf_counter() - start
             if round_ >= args.warmup:
                 times[name].append(elapsed)
                 tokens[name].append(count)
     for name, run in runs.items():  # then one more call each, for memory only (timings ran with glibc's defaults)
         torch.manual_seed(args.seed)
+        if cuda:  # on a GPU the memory that matters is the device's: the allocator's peak above what is held
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            run()
+            peaks[name].append((torch.cuda.max_memory_allocated() - base) / 2**20)
+            continue
         _return_freed_memory()  # what earlier calls freed would otherwise be reused without raising the RSS
         base = current_rss_mb()
         reset_peak_rss()
@@ -286,6 +295,7 @@ def main(argv=None) -> list[dict]:
         help=f"git revision of the rollout to compare with ('' for none; default {BEFORE}, the DynamicCache loop)",
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype, every row")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where every row runs (cuda: peak = GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -295,7 +305,7 @@ def main(argv=None) -> list[dict]:
         return _child(args)
     passed = ["--images", str(args.images), "--generations", str(args.generations), "--size", str(args.size)]
     passed += ["--max-tokens", str(args.max_tokens), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
-    passed += ["--threads", str(args.threads), "--seed", str(args.seed), "--dtype", args.dtype]
+    passed += ["--threads", str(args.threads), "--seed", str(args.seed), "--dtype", args.dtype, "--device", args.device]
     passed += ["--before", args.before]
     rows = []
     for shape in args.shapes:
@@ -305,7 +315,8 @@ def main(argv=None) -> list[dict]:
         rows += rows_of(shape, result)
     print(
         f"\nCaption rollout, B={args.images} images x G={args.generations}, max {args.max_tokens} new tokens, "
-        f"temperature {TEMPERATURE}, {args.size}x{args.size} images, {args.dtype}, {args.threads} threads, CPU; "
+        f"temperature {TEMPERATURE}, {args.size}x{args.size} images, {args.dtype}, {args.threads} threads, "
+        f"{args.device.upper()}; "
         f"medians of {args.repeats} interleaved rounds\n"
     )
     print(markdown_table(rows, list(rows[0])))
