@@ -67,6 +67,7 @@ class PretrainTrainer(StageTrainer):
         decoder.vae.requires_grad_(False)
         self.train_projector = config.decoder.conditioning == "llm" and s.train_projector
         self.trained: dict = {}
+        self.uncaptioned: set[str] = set()  # keys skipped for their caption (listed once, not once per epoch)
         if s.finetune == "lora":
             train_dit_lora(decoder, s.lora_targets, s.lora, section="pretrain")
             self.trained["dit_lora"] = decoder.lora_model
@@ -102,7 +103,7 @@ class PretrainTrainer(StageTrainer):
     # ------------------------------------------------------------------ data and conditioning
     def next_pairs(self, count: int) -> list[TrainImage]:
         """The next `count` pairs whose caption has at least `pretrain.min_caption_words` words; the others are
-        skipped and counted in the dataset's `skipped` list."""
+        skipped and listed once each in the dataset's `skipped` list (the run's skipped.json)."""
         need = max(self.config.pretrain.min_caption_words, 1)
         pairs, start_epoch = [], self.dataset.epoch
         while len(pairs) < count:
@@ -111,8 +112,10 @@ class PretrainTrainer(StageTrainer):
                 if words >= need:
                     pairs.append(im)
                     continue
-                reason = "no caption" if im.reference_caption is None else f"caption of {words} words (< {need})"
-                self.dataset.skipped.append({"image": im.key, "reason": reason})
+                if im.key not in self.uncaptioned:
+                    self.uncaptioned.add(im.key)
+                    reason = "no caption" if im.reference_caption is None else f"caption of {words} words (< {need})"
+                    self.dataset.skipped.append({"image": im.key, "reason": reason})
             if not pairs and self.dataset.epoch > start_epoch + 1:
                 raise ConfigError(
                     f"no training image has a caption of at least {need} words: stage 1 trains on (image, caption) "
