@@ -185,17 +185,6 @@ class ColdStartTrainer(StageTrainer):
             total += float(loss.detach())
         return torch.cat(sims), total
 
-    def optimizer_step(self) -> float:
-        """Clip the joint gradient norm, step both optimizers and schedules. Returns the norm before clipping."""
-        cfg = self.config
-        limit = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        norm = float(torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), limit))
-        for optimizer, scheduler in self.pairs.values():
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        return norm
-
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict[str, float]:
         """Caption → reconstruct with grad → update (evaluation before the first step and after the last)."""
@@ -212,7 +201,7 @@ class ColdStartTrainer(StageTrainer):
             self.refresh_negative()
             sims, loss = self.backward(images, captions)
         with timer("update"):
-            grad_norm = self.optimizer_step()
+            grad_norm = self.optimizer_step(self.trainable_parameters())
         self.step += 1
         if self.step == cfg.max_steps and s.eval_images:
             with timer("eval"):

@@ -204,13 +204,10 @@ class G4UTrainer(StageTrainer):
                 for key, value in m.items():
                     metrics.setdefault(key, []).append((float(value), len(tokens)))
             batch_losses.append(batch_loss)
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            norm = self.optimizer_step(params)
         out = {k: sum(v * w for v, w in vals) / max(sum(w for _, w in vals), 1) for k, vals in metrics.items()}
         out["loss"] = sum(batch_losses) / len(batch_losses)
-        out["grad_norm"] = float(norm)
+        out["grad_norm"] = norm
         out["update/sequences"] = int(include.sum())
         return out
 

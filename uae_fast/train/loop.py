@@ -97,6 +97,17 @@ class StageTrainer:
         )
         self.scheduler = make_scheduler(self.optimizer, warmup=cfg.warmup_steps, total=updates, kind=cfg.lr_scheduler)
 
+    def optimizer_step(self, params: list[torch.nn.Parameter]) -> float:
+        """Clip the gradient norm of `params` at `max_grad_norm` (0: no clipping), step every optimizer of
+        :meth:`optimizers` and its LR schedule, and clear the gradients. Returns the norm before clipping."""
+        limit = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
+        norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
+        for optimizer, scheduler in self.optimizers().values():
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        return norm
+
     def save(self, run_dir: Path) -> Path:
         """Checkpoint `run_dir/checkpoint-<step>/` (adapters in the released layout + the full trainer state)."""
         folder = save_checkpoint(

@@ -182,12 +182,7 @@ class PretrainTrainer(StageTrainer):
                 value = float(loss.detach())
                 raise UAEError(f"step {self.step + 1}: the loss is {value}; lower pretrain.learning_rate")
             loss.backward()
-            params = [p for group in self.optimizer.param_groups for p in group["params"]]
-            limit = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            grad_norm = self.optimizer_step([p for group in self.optimizer.param_groups for p in group["params"]])
             if self.ema is not None:
                 self.ema.update()
         self.step += 1

@@ -216,12 +216,7 @@ class U4GTrainer(StageTrainer):
                     (loss * (len(mb) / (len(rows) * len(batch.steps)))).backward()
                     for key, value in {"loss": loss.detach(), **m}.items():
                         metrics.setdefault(key, []).append(float(value) * len(mb) / len(rows) / len(batch.steps))
-            params = self.policy.trainable_parameters()
-            limit = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-            norms.append(float(torch.nn.utils.clip_grad_norm_(params, limit)))
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            norms.append(self.optimizer_step(self.policy.trainable_parameters()))
         parts = max(len(norms), 1)
         out = {k: sum(v) / parts for k, v in metrics.items()}
         out["grad_norm"] = sum(norms) / parts
