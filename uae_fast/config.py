@@ -17,7 +17,7 @@ import yaml
 
 from .errors import ConfigError
 
-__all__ = ["from_dict", "to_dict", "load_yaml", "apply_overrides", "parse_override"]
+__all__ = ["from_dict", "to_dict", "load_yaml", "apply_overrides", "parse_override", "check_all"]
 
 
 def from_dict(cls, data: Mapping | None, *, prefix: str = ""):
@@ -138,3 +138,10 @@ def _convert(hint, value, key: str):
     if hint in (int, float, str, bool) and not isinstance(value, hint):
         raise ConfigError(f"{key} must be {hint.__name__}, got {value!r} ({type(value).__name__})")
     return value
+
+
+def check_all(checks: Sequence[tuple[bool, str]]) -> None:
+    """Raise a ConfigError with the message of the first (ok, message) check that failed."""
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)

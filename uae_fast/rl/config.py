@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import ConfigError
+from ..config import check_all
 
 __all__ = ["LOSS_TYPES", "IS_LEVELS", "SCALE_REWARDS", "GRPOLossConfig"]
 
@@ -56,9 +56,7 @@ class GRPOLossConfig:
             (self.chunk_size >= 1, f"chunk_size must be >= 1, got {self.chunk_size}"),
             (self.vocab_block is None or self.vocab_block >= 1, f"vocab_block must be >= 1, got {self.vocab_block}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        check_all(checks)
 
 
 # Stage 2b (Flow-GRPO on the decoder): the Gaussian transitions `uae_fast.rl.flow_grpo` can make of an Euler step.

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from ..config import apply_overrides, from_dict, load_yaml, to_dict
+from ..config import apply_overrides, check_all, from_dict, load_yaml, to_dict
 from ..data.images import DEFAULT_MAX_IMAGE_PIXELS
 from ..errors import ConfigError
 from ..rewards.config import RewardConfig
@@ -208,9 +208,7 @@ class U4GSettings:
             (not self.lora.train_embeddings, "u4g.lora.train_embeddings: the DiT has no token embeddings"),
             (bool(self.lora_targets), "u4g.lora_targets is empty: name the DiT modules to adapt"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        check_all(checks)
 
     @property
     def window_range(self) -> tuple[int, int]:
@@ -342,9 +340,7 @@ class TrainConfig:
             (self.logging_steps >= 1 and self.save_steps >= 0, "logging_steps must be >= 1, save_steps >= 0"),
             (self.save_total_limit >= 1, "save_total_limit must be >= 1"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        check_all(checks)
         sequential = self.stage == "unified" and self.unified.schedule == "sequential"
         if sequential and (self.unified.g4u_steps or 0) > self.max_steps:
             raise ConfigError(f"unified.g4u_steps ({self.unified.g4u_steps}) is more than max_steps ({self.max_steps})")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..config import check_all
 from ..errors import ConfigError
 
 __all__ = ["ColdStartSettings", "DIT_ATTENTION_PROJECTIONS", "LoraSettings", "PretrainSettings"]
@@ -18,12 +19,6 @@ DIT_ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "cosmap", "sigma_sqrt", "uniform")
 FINETUNE_MODES = ("lora", "full")
 COLD_START_CAPTIONS = ("sample", "greedy")
-
-
-def _check(checks: list[tuple[bool, str]]) -> None:
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
 
 
 @dataclass
@@ -84,7 +79,7 @@ class PretrainSettings:
     min_caption_words: int = field(default=1, metadata={"help": "pairs with shorter captions are skipped and counted"})
 
     def __post_init__(self):
-        _check(
+        check_all(
             [
                 (self.batch_size >= 1, f"pretrain.batch_size must be >= 1, got {self.batch_size}"),
                 (self.learning_rate > 0, f"pretrain.learning_rate must be > 0, got {self.learning_rate}"),
@@ -166,7 +161,7 @@ class ColdStartSettings:
     )
 
     def __post_init__(self):
-        _check(
+        check_all(
             [
                 (self.batch_size >= 1, f"cold_start.batch_size must be >= 1, got {self.batch_size}"),
                 (self.num_steps >= 1, f"cold_start.num_steps must be >= 1, got {self.num_steps}"),
