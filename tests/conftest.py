@@ -90,3 +90,27 @@ def _dom(html_file: Path, tmp_path: Path, fragment: str = "") -> str:
 def browser_dom():
     """`browser_dom(html_file, tmp_path, fragment="")`: an HTML report as rendered by headless Chromium."""
     return _dom
+
+
+@pytest.fixture(scope="session")
+def benchmark_module():
+    """`with benchmark_module("bench_x") as module:` — the script benchmarks/bench_x.py loaded as a module, with
+    benchmarks/ on sys.path meanwhile (the scripts import their `utils` and `*_setup` helpers from there)."""
+    import contextlib
+    import importlib.util
+    import sys
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+
+    @contextlib.contextmanager
+    def load(name: str):
+        sys.path.insert(0, str(folder))
+        try:
+            spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            yield module
+        finally:
+            sys.path.remove(str(folder))
+
+    return load

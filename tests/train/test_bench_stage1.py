@@ -4,27 +4,16 @@ holds sane values (positive rates, phases within the step, a ratio vs the peer).
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(BENCH))  # the benchmark imports its `utils` and `stage2b_setup` helper modules
-    try:
-        spec = importlib.util.spec_from_file_location("bench_stage1", BENCH / "bench_stage1.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+def bench(benchmark_module):
+    with benchmark_module("bench_stage1") as module:
         yield module
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 @pytest.fixture(scope="module")

@@ -6,29 +6,17 @@ flow_grpo does."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import uae_fast
 from uae_fast.train import U4GTrainer
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(BENCH))  # the benchmark imports its `utils` helper module
-    try:
-        spec = importlib.util.spec_from_file_location("bench_stage2b", BENCH / "bench_stage2b.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+def bench(benchmark_module):
+    with benchmark_module("bench_stage2b") as module:
         yield module
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 def _lora(model) -> dict[str, torch.nn.Parameter]:
