@@ -276,12 +276,14 @@ class UAE:
             scores = out.with_nan().tolist()
         return Reconstruction(captions, tensors_to_pil(recon), scores)
 
-    def save_pretrained(self, path: str | Path) -> Path:
+    def save_pretrained(self, path: str | Path, *, write: bool = True) -> Path:
         """Write the released layout (llm/, SD3/, dit/, and llm_lora/ / dit_lora/ when adapters exist), plus
-        `uae_fast.json` holding this model's :class:`InferenceDefaults` (restored by :func:`load`)."""
+        `uae_fast.json` holding this model's :class:`InferenceDefaults` (restored by :func:`load`).
+
+        In a distributed run every rank calls it (sharded weights are gathered) and only rank 0 has `write`."""
         # The decoder owns the transformer: training may have wrapped it with LoRA adapters since load.
         components = dataclasses.replace(self.components, transformer=self.decoder.transformer)
-        return save_components(components, path, inference_defaults=self.defaults)
+        return save_components(components, path, inference_defaults=self.defaults, write=write)
 
 
 def load(

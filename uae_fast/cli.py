@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -355,7 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_common(args)
         status = COMMANDS[args.command](args)  # `data check` exits 1 when it finds problems
     except UAEError as e:
-        print(f"uae-fast: error: {e}", file=sys.stderr)
+        rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"uae-fast: {rank}error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("uae-fast: interrupted", file=sys.stderr)

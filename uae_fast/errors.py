@@ -6,7 +6,7 @@ bug and keeps its traceback. Messages name the offending file, field or value an
 
 from __future__ import annotations
 
-__all__ = ["UAEError", "ImageLoadError", "CheckpointError", "ConfigError", "OutputError"]
+__all__ = ["UAEError", "ImageLoadError", "CheckpointError", "ConfigError", "DistributedError", "OutputError"]
 
 
 class UAEError(Exception):
@@ -27,3 +27,7 @@ class ConfigError(UAEError, ValueError):
 
 class OutputError(UAEError, OSError):
     """An output location cannot be written (e.g. the output folder is an existing file)."""
+
+
+class DistributedError(UAEError, RuntimeError):
+    """A rank of a distributed run lost the others: one died or hangs past `distributed.timeout_s`."""

@@ -304,8 +304,6 @@ def test_open_dataset_and_demo_captions(tmp_path):
     assert isinstance(open_dataset(_config(tmp_path / "s")), ShardDataset)
     demo = open_dataset(DataConfig())
     assert isinstance(demo, ImageDataset)
-    with pytest.raises(ConfigError, match="data.shards"):
-        open_dataset(DataConfig(), world_size=2)
     with pytest.raises(ConfigError, match="aspect_buckets needs data.shards"):
         DataConfig(aspect_buckets=True)
     captions = {im.key: im.reference_caption for im in demo.preview(4)}

@@ -136,7 +136,7 @@ def test_negated_control_flips_the_update(tmp_path):
         trainer = make(tmp_path / str(negate), f"negate_advantages={str(negate).lower()}")
         _perturb_lora(trainer)
         images = trainer.dataset.next_batch(2)
-        sims, loss = trainer.backward(images, CAPTIONS)
+        sims, loss = trainer.reconstruction_backward(images, CAPTIONS)
         grads[negate] = [p.grad.clone() for p in trainer.trainable_parameters()]
         assert loss == pytest.approx((1 if not negate else -1) * float((1 - sims).mean()), rel=1e-5)
     for a, b in zip(grads[False], grads[True]):

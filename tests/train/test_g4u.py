@@ -215,7 +215,7 @@ def test_accumulation_and_reference_caption_length(tmp_path, demo):
     (folder / "img0.txt").write_text("a tabby cat on a red sofa")  # a sidecar reference caption
     trainer = make(tmp_path / "run", f"data.images={folder}", "data.shuffle=false", "gradient_accumulation_steps=2")
     metrics = trainer.train_step()
-    assert trainer.dataset.index == 4  # 2 rollout chunks x 2 images, one optimizer step
+    assert trainer.dataset.draws == 4  # 2 rollout chunks x 2 images, one optimizer step
     assert trainer.scheduler.last_epoch == 1
     expected = len(trainer.policy.tokenizer("a tabby cat on a red sofa").input_ids)
     assert metrics["completions/reference_mean_length"] == expected

@@ -198,8 +198,8 @@ def test_aspect_buckets_train_each_batch_at_its_bucket_shape(tmp_path):
     shapes = []
     encode = trainer.latents
 
-    def recording(pairs, side, generator):
-        latents = encode(pairs, side, generator)
+    def recording(pairs, side, generator, share=None):
+        latents = encode(pairs, side, generator, share=share)
         shapes.append(tuple(latents.shape[2:]))
         return latents
 

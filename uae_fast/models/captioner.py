@@ -216,12 +216,13 @@ class Captioner:
         temperature: float,
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
+        share: tuple[int, torch.Tensor] | None = None,
     ) -> Completions:
         """Sample G captions per image: one prefill per image, its KV cache shared by the G rows, then token by token.
 
         Special tokens other than the end tokens are never sampled (a sampled image placeholder would break the
         next forward). `temperature` 0 is greedy. `generator` (on the model's device) seeds the draws; None uses
-        the global RNG.
+        the global RNG. `share`: these rows' place in a distributed batch (see :func:`sample_tokens`).
         """
         if num_generations < 1:
             raise ConfigError(f"num_generations must be >= 1, got {num_generations}")
@@ -243,6 +244,7 @@ class Captioner:
                 top_p=top_p,
                 generator=generator,
                 cuda_graphs=self.cuda_graphs,
+                share=share,
             )
         return Completions(tokens, lengths, truncated, num_generations)
 

@@ -141,27 +141,38 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def save_components(
-    components: UAEComponents, out_dir: str | Path, *, inference_defaults: InferenceDefaults | None = None
+    components: UAEComponents,
+    out_dir: str | Path,
+    *,
+    inference_defaults: InferenceDefaults | None = None,
+    write: bool = True,
 ) -> Path:
     """Write `components` in the released layout, atomically (a temp folder renamed into place).
 
-    `inference_defaults` (default: `components.inference_defaults`) go into `uae_fast.json` when given.
+    `inference_defaults` (default: `components.inference_defaults`) go into `uae_fast.json` when given. The
+    trained models' state dicts are taken first, by every rank of a distributed run (gathering sharded weights is
+    a collective); only the rank with `write` writes.
     """
     out_dir = Path(out_dir)
     defaults = inference_defaults or components.inference_defaults
+    encoder, transformer = components.encoder, components.transformer
+    encoder_lora = _lora_state(encoder.lora_model) if encoder.lora_model is not None else None
+    encoder_state = base_state_dict(encoder)
+    dit_lora = _lora_state(transformer) if _is_peft(transformer) else None
+    dit_base = transformer.get_base_model() if _is_peft(transformer) else transformer
+    dit_state = base_state_dict(dit_base)
+    if not write:
+        return out_dir
     with atomic_dir(out_dir) as tmp:
-        encoder = components.encoder
-        if encoder.lora_model is not None:
-            save_lora(encoder.lora_model, tmp / "llm_lora")
-        encoder.save_pretrained(tmp / "llm", state_dict=base_state_dict(encoder))
+        if encoder_lora is not None:
+            save_lora(encoder.lora_model, tmp / "llm_lora", state_dict=encoder_lora)
+        encoder.save_pretrained(tmp / "llm", state_dict=encoder_state)
         components.processor.save_pretrained(tmp / "llm")
 
-        transformer = components.transformer
-        if _is_peft(transformer):
-            save_lora(transformer, tmp / "dit_lora")
-            transformer = transformer.get_base_model()
-        transformer.save_config(tmp / "dit")
-        save_file(base_state_dict(transformer), tmp / "dit" / _DIT_WEIGHTS, metadata={"format": "pt"})
+        if dit_lora is not None:
+            save_lora(transformer, tmp / "dit_lora", state_dict=dit_lora)
+        dit_base.save_config(tmp / "dit")
+        save_file(dit_state, tmp / "dit" / _DIT_WEIGHTS, metadata={"format": "pt"})
 
         sd3 = tmp / "SD3"
         components.vae.save_pretrained(sd3 / "vae", safe_serialization=True)
@@ -177,6 +188,11 @@ def save_components(
             meta["inference_defaults"] = defaults.to_json()
         (tmp / FORMAT_FILE).write_text(json.dumps(meta, indent=2))
     return out_dir
+
+
+def _lora_state(peft_model) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under the model's own names (what PEFT's `save_pretrained(state_dict=...)` takes)."""
+    return {k: v for k, v in peft_model.state_dict().items() if "lora_" in k or ".modules_to_save." in k}
 
 
 def _save_text_encoders(components: UAEComponents, sd3: Path) -> int:

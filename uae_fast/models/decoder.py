@@ -270,12 +270,22 @@ class UAEDecoder(nn.Module):
         return self.decode_latents(latents)
 
     @torch.no_grad()
-    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode_images(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, *, share: tuple[int, list] | None = None
+    ) -> torch.Tensor:
         """VAE encode with SD3's scaling/shift (the inverse of :meth:`decode_latents`): images [B, 3, H, W] in [0, 1]
-        → latents [B, C, H/8, W/8] in the DiT's dtype, sampled from the VAE's posterior with `generator`."""
+        → latents [B, C, H/8, W/8] in the DiT's dtype, sampled from the VAE's posterior with `generator`.
+
+        `share`: (M, index [B]): these images are images `index` of a batch of M (one rank's part of a distributed
+        batch); the posterior noise is drawn for all M and these take theirs, as one process would draw it."""
         cfg = self.vae.config
         posterior = self.vae.encode(images.to(self.device, self.dtype) * 2 - 1).latent_dist
-        latents = posterior.sample(generator=generator)
+        mean, std = posterior.mean, posterior.std
+        count = len(mean) if share is None else share[0]
+        noise = torch.randn((count, *mean.shape[1:]), generator=generator, device=generator.device if generator
+                            else mean.device, dtype=mean.dtype)  # fmt: skip
+        noise = noise if share is None else noise[share[1]]
+        latents = mean + std * noise.to(mean.device)
         return (latents - cfg.shift_factor) * cfg.scaling_factor
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

@@ -30,9 +30,10 @@ RELEASE_LORA_RANK = 32
 RELEASE_LORA_ALPHA = 64
 
 
-def save_lora(peft_model, path: Path) -> None:
-    """Write a PEFT adapter folder (safetensors)."""
-    peft_model.save_pretrained(str(path), safe_serialization=True)
+def save_lora(peft_model, path: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write a PEFT adapter folder (safetensors); `state_dict`: the model's tensors to take it from (default: its
+    own state dict)."""
+    peft_model.save_pretrained(str(path), safe_serialization=True, state_dict=state_dict)
 
 
 def base_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:

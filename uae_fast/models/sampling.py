@@ -133,12 +133,16 @@ def sample_tokens(
     generator,
     sync_every: int = 8,
     cuda_graphs: bool = True,
+    share: tuple[int, torch.Tensor] | None = None,
 ):
     """Sample up to T tokens for the N = B·G rows of `cache` (row b*G + g: completion g of image b).
 
     Args:
         captioner: the `Captioner` (model, LM head, end/pad ids, banned-token mask).
         last: [B, H] hidden state of each prompt's last position; next_pos: [B] rope position after each prompt.
+        share: (M, index [N]): these rows are rows `index` of a batch of M (one rank's part of a distributed
+            batch); each token's uniform numbers are drawn for all M rows and these take theirs, so the ranks
+            sample what one process sampling the whole batch would.
 
     Returns:
         tokens [N, T'] (T' = longest completion; pad after the end token), lengths [N], truncated [N] bool.
@@ -171,7 +175,10 @@ def sample_tokens(
         logits.index_fill_(1, banned, float("-inf"))
         uniform = None
         if temperature > 0:
-            uniform = torch.rand((rows, 1), generator=generator, device=device)
+            if share is None:
+                uniform = torch.rand((rows, 1), generator=generator, device=device)
+            else:
+                uniform = torch.rand((share[0], 1), generator=generator, device=device)[share[1]]
             uniform = uniform if n == rows else uniform[cache.slot[:n]]
         warm = 1.0 if fold else temperature
         token = sample_token(logits, warm, top_p, generator, uniform=uniform, inplace=True)

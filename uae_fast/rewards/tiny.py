@@ -148,9 +148,17 @@ def save_tiny_backbones(root: str | Path, seed: int = 0) -> dict[str, Path]:
 
 
 def tiny_backbone_paths(seed: int = 0) -> dict[str, Path]:
-    """Folders of the tiny backbones, written once per process into a temporary folder removed at exit."""
+    """Folders of the tiny backbones, written once per process into a temporary folder removed at exit — once per
+    machine in a distributed run: transformers writes on rank 0 only, and every rank reads rank 0's."""
+    from ..dist import current
+
     if seed not in _PATHS:
-        root = Path(tempfile.mkdtemp(prefix="uae_fast_tiny_backbones_"))
-        atexit.register(shutil.rmtree, root, ignore_errors=True)
-        _PATHS[seed] = save_tiny_backbones(root, seed)
+        runtime = current()
+
+        def write() -> dict[str, Path]:
+            root = Path(tempfile.mkdtemp(prefix="uae_fast_tiny_backbones_"))
+            atexit.register(shutil.rmtree, root, ignore_errors=True)  # rank 0 exits last (the final barrier)
+            return save_tiny_backbones(root, seed)
+
+        _PATHS[seed] = runtime.on_main(write)
     return _PATHS[seed]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 __all__ = ["add_train_parser", "cmd_train"]
@@ -75,10 +76,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     config = load_train_config(args.config or f"{args.stage}_{PRESET_CONFIGS[args.preset]}", overrides)
     if not config.output_dir:
         raise ConfigError("no run folder: pass --out RUN_DIR (or output_dir=... in the config)")
-    # Before the libraries load (seconds): a folder holding a run is refused at once.
-    prepare_run_folder(config.output_dir, resume=config.resume, overwrite=config.overwrite, check_only=True)
+    # Before the libraries load (seconds): a folder holding a run is refused at once (under a launcher, rank 0's
+    # check in `train` does it: the other ranks would race with rank 0 creating the run).
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        prepare_run_folder(config.output_dir, resume=config.resume, overwrite=config.overwrite, check_only=True)
     _quiet()
     run_dir = train(config)
+    if int(os.environ.get("RANK", "0")):
+        return
     print(f"uae-fast: run folder {run_dir} (metrics.jsonl, checkpoints, final/, report/index.html)", file=sys.stderr)
 
 

@@ -59,6 +59,8 @@ class ColdStartTrainer(StageTrainer):
                 "the encoder): set cold_start.train_encoder=false"
             )
         self.setup(config, uae=uae, dataset=dataset, reward=reward)
+        if self.runtime.distributed:  # not yet: its batches and losses are not split over ranks
+            raise ConfigError("stage cold_start runs in one process for now (g4u and pretrain run distributed)")
         self.backbone = self.reward.backbones.get(s.backbone) or load_backbone(
             s.backbone, config.reward.backbones[s.backbone], device=self.device
         )
@@ -72,8 +74,7 @@ class ColdStartTrainer(StageTrainer):
         updates = config.max_steps if steps is None else steps
         self.pairs = {}
         for name, model in self.adapters().items():
-            params = [p for p in model.parameters() if p.requires_grad]
-            self.build_optimizer(params, learning_rate=s.learning_rate, updates=updates)
+            self.build_optimizer([model], learning_rate=s.learning_rate, updates=updates)
             self.pairs[name] = (self.optimizer, self.scheduler)
 
     def adapters(self) -> dict:
@@ -167,7 +168,7 @@ class ColdStartTrainer(StageTrainer):
             sources = self.backbone.features_with_grad([p.to(self.device) for p in pixels])
         return F.cosine_similarity(features, sources.to(features.dtype), dim=-1)
 
-    def backward(self, images: list[TrainImage], captions: list[str]) -> tuple[torch.Tensor, float]:
+    def reconstruction_backward(self, images: list[TrainImage], captions: list[str]) -> tuple[torch.Tensor, float]:
         """The batch's loss mean(1 − cos) (sign flipped by `negate_advantages`), backpropagated in micro-batches of
         `decoder.batch_size` images. Returns (cos [B], loss)."""
         cfg = self.config
@@ -180,7 +181,7 @@ class ColdStartTrainer(StageTrainer):
             loss = sign * (1.0 - sim).sum() / len(images)
             if not torch.isfinite(loss):
                 raise UAEError(f"step {self.step + 1}: the loss is {float(loss)}; lower cold_start.learning_rate")
-            loss.backward()
+            self.backward(loss)
             sims.append(sim.detach())
             total += float(loss.detach())
         return torch.cat(sims), total
@@ -199,9 +200,9 @@ class ColdStartTrainer(StageTrainer):
             captions = self.caption(images)
         with timer("reconstruct"):  # forward and backward
             self.refresh_negative()
-            sims, loss = self.backward(images, captions)
+            sims, loss = self.reconstruction_backward(images, captions)
         with timer("update"):
-            grad_norm = self.optimizer_step(self.trainable_parameters())
+            grad_norm = self.optimizer_step()
         self.step += 1
         if self.step == cfg.max_steps and s.eval_images:
             with timer("eval"):

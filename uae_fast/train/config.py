@@ -16,7 +16,13 @@ from ..data.images import DEFAULT_MAX_IMAGE_PIXELS
 from ..errors import ConfigError
 from ..rewards.config import RewardConfig
 from ..rl.config import SCALE_REWARDS, SDE_TYPES, GRPOLossConfig
-from .settings import DIT_ATTENTION_PROJECTIONS, ColdStartSettings, LoraSettings, PretrainSettings
+from .settings import (
+    DIT_ATTENTION_PROJECTIONS,
+    ColdStartSettings,
+    DistributedSettings,
+    LoraSettings,
+    PretrainSettings,
+)
 
 __all__ = [
     "STAGES",
@@ -282,6 +288,9 @@ class TrainConfig:
     )
     cold_start: ColdStartSettings = field(
         default_factory=ColdStartSettings, metadata={"help": "the cold start (differentiable reconstruction)"}
+    )
+    distributed: DistributedSettings = field(
+        default_factory=DistributedSettings, metadata={"help": "multi-process runs (torchrun / deepspeed launchers)"}
     )
     num_iterations: int = field(
         default=1, metadata={"help": "optimizer steps per rollout batch (old log-probs if > 1)"}

@@ -34,12 +34,18 @@ class TrainImage:
 
 @dataclass
 class ImageDataset:
-    """Images to train on, drawn in batches in a seeded per-epoch order."""
+    """Images to train on, drawn in batches in a seeded per-epoch order.
+
+    The order is one stream (epoch after epoch, each a permutation drawn from (seed, epoch)) whatever the world
+    size: rank r of W draws the stream's entries r, r + W, r + 2W, ... — so W ranks drawing B images each draw the
+    same B·W images as one process drawing B·W, and a run resumes on another world size where it stopped.
+    """
 
     config: DataConfig
     seed: int = 0
-    epoch: int = 0
-    index: int = 0  # position inside the epoch's order
+    rank: int = 0
+    world_size: int = 1
+    draws: int = 0  # entries of the stream this rank has drawn
     skipped: list[dict] = field(default_factory=list)  # {"image", "reason"} of every image that failed to load
     _sources: list = field(default_factory=list, init=False, repr=False)  # (key, Path or encoded bytes)
     _captions: dict = field(default_factory=dict, init=False, repr=False)  # key -> caption of in-memory images
@@ -70,12 +76,20 @@ class ImageDataset:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(len(self._sources), generator=generator).tolist()
 
+    @property
+    def position(self) -> int:
+        """Index in the stream of this rank's next image."""
+        return self.draws * self.world_size + self.rank
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the last image drawn (0 before the first)."""
+        return max(self.position - self.world_size, 0) // len(self._sources)
+
     def _draw(self) -> tuple[str, object]:
-        if self.index >= len(self._sources):
-            self.epoch, self.index = self.epoch + 1, 0
-        key, source = self._sources[self._order(self.epoch)[self.index]]
-        self.index += 1
-        return key, source
+        epoch, index = divmod(self.position, len(self._sources))
+        self.draws += 1
+        return self._sources[self._order(epoch)[index]]
 
     def next_batch(self, size: int) -> list[TrainImage]:
         """The next `size` decodable images, wrapping into new epochs; bad ones are skipped and counted.
@@ -120,16 +134,30 @@ class ImageDataset:
         return self._captions.get(key) if not isinstance(source, Path) else _reference_caption(source)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "num_images": len(self._sources), "skipped": self.skipped}
+        return {
+            "draws": self.draws,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_images": len(self._sources),
+            "skipped": self.skipped,
+        }
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from `state` — this rank's, or rank 0's of a run on another world size (its position in the
+        stream carries over exactly when every rank had drawn as many images, i.e. unless images were skipped)."""
         if "num_images" not in state:
             raise ConfigError("the resumed run trained on data.shards, this run on data.images")
         if state["num_images"] != len(self._sources):
             raise ConfigError(
                 f"the resumed run had {state['num_images']} training images, this dataset has {len(self._sources)}"
             )
-        self.epoch, self.index, self.skipped = state["epoch"], state["index"], list(state["skipped"])
+        if "draws" not in state:  # written before ranks: one process at (epoch, index)
+            state = {**state, "draws": state["epoch"] * len(self._sources) + state["index"], "world_size": 1}
+        if state.get("world_size", 1) == self.world_size:
+            self.draws = state["draws"]
+        else:
+            self.draws = state["draws"] * state["world_size"] // self.world_size
+        self.skipped = list(state["skipped"])
 
 
 def decode_named(decoder: ImageDecoder, sources: list, keys: list[str]) -> list[np.ndarray | ImageLoadError]:
@@ -172,15 +200,13 @@ def open_dataset(config: DataConfig, *, seed: int = 0, rank: int = 0, world_size
     `next_batch(size) -> list[TrainImage]` and resume exactly from `state_dict()`.
 
     Raises:
-        ConfigError: no usable data, or (images) `world_size` > 1, which only shards split across ranks.
+        ConfigError: no usable data.
     """
     if config.shards:
         from ..data.shards import ShardDataset
 
         return ShardDataset(config, seed=seed, rank=rank, world_size=world_size)
-    if world_size != 1:
-        raise ConfigError("data.images is read whole by every rank; to split data across ranks use data.shards")
-    return ImageDataset(config, seed=seed)
+    return ImageDataset(config, seed=seed, rank=rank, world_size=world_size)
 
 
 def _png_bytes(image) -> bytes:

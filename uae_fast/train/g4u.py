@@ -10,6 +10,7 @@ policy is the base model with its adapters disabled; in `llm` conditioning the d
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import statistics
 import zlib
 from dataclasses import dataclass
@@ -61,8 +62,9 @@ class G4UTrainer(StageTrainer):
         cfg = config
         self.policy = CaptionPolicy(self.uae.encoder, self.uae.processor, cfg.lora)
         self.buffer = RolloutBuffer()
+        self.images_per_rank = self.share(cfg.images_per_step, "batch_size / num_generations (images per step)")
         self.build_optimizer(
-            self.policy.trainable_parameters(),
+            [self.policy.encoder],
             learning_rate=cfg.learning_rate,
             updates=(cfg.max_steps if steps is None else steps) * cfg.num_iterations,
         )
@@ -71,25 +73,34 @@ class G4UTrainer(StageTrainer):
         return {"llm_lora": self.policy.peft_model}
 
     # ------------------------------------------------------------------ phases
+    def batch_index(self, count: int) -> list[int]:
+        """Where this rank's `count` images sit in the step's whole batch (the data stream interleaves the ranks:
+        image k of rank r is image k·W + r of the batch one process would draw)."""
+        world, rank = self.runtime.world_size, self.runtime.rank
+        return [k * world + rank for k in range(count)]
+
     @torch.no_grad()
     def rollout(self, images: list[TrainImage], chunk: int = 0) -> RolloutBatch:
-        """Encode each image once and sample G captions per image."""
+        """Encode each image once and sample G captions per image (what one process would sample for them)."""
         cfg = self.config
+        g = cfg.num_generations
         encoded = self.policy.encode_images([im.pixels for im in images])
         generator = torch.Generator(self.device).manual_seed(stable_seed(cfg.seed, self.step, chunk))
+        where = self.batch_index(len(images))
+        rows = torch.tensor([j * g + i for j in where for i in range(g)], device=self.device)
         completions = self.policy.sample(
             encoded,
-            cfg.num_generations,
+            g,
             max_new_tokens=cfg.max_completion_length,
             temperature=cfg.temperature,
             top_p=cfg.top_p,
             generator=generator,
+            share=(self.images_per_rank * self.runtime.world_size * g, rows) if self.runtime.distributed else None,
         )
-        g = cfg.num_generations
         if cfg.decoder.fixed_noise:  # the same noise for an image at every step: a deterministic environment
             seeds = [stable_seed(cfg.seed, zlib.crc32(im.key.encode())) for im in images]
         else:
-            seeds = [stable_seed(cfg.seed, self.step, chunk, b) for b in range(len(images))]
+            seeds = [stable_seed(cfg.seed, self.step, chunk, j) for j in where]
         return RolloutBatch(
             images, encoded, completions, self.policy.decode(completions), [s for s in seeds for _ in range(g)]
         )
@@ -125,6 +136,11 @@ class G4UTrainer(StageTrainer):
         )
         batch.rewards = out.with_nan()
         batch.stats = group_advantages(batch.rewards, cfg.num_generations, cfg.loss.scale_rewards)
+        if cfg.loss.scale_rewards == "batch" and self.runtime.distributed:  # the std of the whole batch's rewards
+            everyone = torch.cat([r.to(self.device) for r in self.runtime.gather(batch.rewards.cpu())])
+            stats = group_advantages(everyone, cfg.num_generations, "batch")
+            rank, n = self.runtime.rank, len(batch.rewards)
+            batch.stats = dataclasses.replace(batch.stats, advantages=stats.advantages[rank * n : (rank + 1) * n])
         sign = -1.0 if cfg.negate_advantages else 1.0
         batch.advantages = sign * batch.stats.advantages
 
@@ -138,9 +154,10 @@ class G4UTrainer(StageTrainer):
         advantages = torch.from_numpy(buf.advantage.copy()).to(self.device)
         # A zero advantage contributes nothing but its KL term: skip those sequences when beta is 0.
         include = (buf.advantage != 0) | (cfg.loss.beta > 0)
-        total_tokens = buf.num_tokens
+        # The loss is normalised by the whole batch's counts (every rank's): N ranks step as one process would.
+        total_seqs, total_tokens, included = self.runtime.sum(len(completions), buf.num_tokens, int(include.sum()))
         metrics: dict[str, list] = {}
-        if not include.any():  # no learning signal: no update, but the schedule still advances as planned
+        if not included:  # no learning signal: no update, but the schedule still advances as planned
             skip_updates(self.scheduler, cfg.num_iterations)
             return {"loss": 0.0, "grad_norm": 0.0, "update/sequences": 0}
         # Whole groups per micro-batch, first-fit decreasing under `micro_batch_tokens`, each group's prompt charged
@@ -155,15 +172,15 @@ class G4UTrainer(StageTrainer):
         micro = [mb.sample_index.tolist() for mb in packed.batches]
         token_index = [mb.token_index.numpy() for mb in packed.batches]
 
+        def hidden_of(index: list[int]):
+            return self.policy.completion_hidden(encoded, [rows[i] for i in index], [completions[i] for i in index])
+
         def logprobs_into(field, k: int) -> None:  # no-grad pass of micro-batch k, stored per token in the buffer
-            index = micro[k]
-            hidden, tokens, _ = self.policy.completion_hidden(
-                encoded, [rows[i] for i in index], [completions[i] for i in index]
-            )
+            hidden, tokens, _ = hidden_of(micro[k])
             logp = completion_logprobs(hidden, self.policy.encoder.lm_head.weight, tokens, cfg.loss)[0]
             field[token_index[k]] = logp.float().cpu().numpy()
 
-        with torch.no_grad():
+        with torch.no_grad(), self.engine.gathered():
             if cfg.loss.beta > 0:
                 with self.policy.adapters_disabled():
                     for k in range(len(micro)):
@@ -175,14 +192,17 @@ class G4UTrainer(StageTrainer):
         def per_token(field, k: int) -> torch.Tensor:
             return torch.from_numpy(field[token_index[k]]).to(self.device)
 
-        params = self.policy.trainable_parameters()
+        # Engines in lockstep need as many passes on every rank: a rank with fewer repeats its first, weighted 0.
+        passes = self.engine.passes(len(micro))
         batch_losses = []
         for _ in range(cfg.num_iterations):
             batch_loss = 0.0  # the whole batch's loss: the scaled micro-batch losses add up to it
-            for k, index in enumerate(micro):
-                hidden, tokens, seq = self.policy.completion_hidden(
-                    encoded, [rows[i] for i in index], [completions[i] for i in index]
-                )
+            for k in range(passes):
+                if k >= len(micro):
+                    self.backward(hidden_of(micro[0] if micro else [0])[0].sum() * 0.0, last=k == passes - 1)
+                    continue
+                index = micro[k]
+                hidden, tokens, seq = hidden_of(index)
                 batch = PackedCompletions(
                     tokens,
                     seq,
@@ -198,13 +218,13 @@ class G4UTrainer(StageTrainer):
                         f"step {self.step + 1}: the loss is {float(loss)}; the model diverged (non-finite rewards "
                         "are masked out) — lower learning_rate"
                     )
-                scaled = loss * self._micro_scale(len(index), len(tokens), len(completions), total_tokens)
-                scaled.backward()
+                scaled = loss * self._micro_scale(len(index), len(tokens), total_seqs, total_tokens)
+                self.backward(scaled, last=k == passes - 1)
                 batch_loss += float(scaled.detach())
                 for key, value in m.items():
                     metrics.setdefault(key, []).append((float(value), len(tokens)))
-            batch_losses.append(batch_loss)
-            norm = self.optimizer_step(params)
+            batch_losses.append(self.runtime.sum(batch_loss)[0])
+            norm = self.optimizer_step()
         out = {k: sum(v * w for v, w in vals) / max(sum(w for _, w in vals), 1) for k, vals in metrics.items()}
         out["loss"] = sum(batch_losses) / len(batch_losses)
         out["grad_norm"] = norm
@@ -249,8 +269,8 @@ class G4UTrainer(StageTrainer):
         timer = PhaseTimer(self.device)
         batches = []
         for chunk in range(cfg.gradient_accumulation_steps):
-            images = self.dataset.next_batch(cfg.images_per_step)
-            with timer("rollout"):
+            images = self.dataset.next_batch(self.images_per_rank)
+            with timer("rollout"), self.engine.gathered():
                 batch = self.rollout(images, chunk)
             with timer("reconstruct"):
                 self.reconstruct(batch)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from ..errors import ConfigError
 from ..io import write_text_atomic
 from .metrics import MetricsLogger
 from .run_folder import prepare_run_folder
@@ -29,6 +30,7 @@ from .state import (
     restore_rng,
     save_checkpoint,
 )
+from .weights import trained_state
 
 __all__ = ["StageTrainer"]
 
@@ -66,20 +68,27 @@ class StageTrainer:
         the report (`report/`, from the stage's `report_columns`)."""
         from .report import write_report
 
-        if self.config.save_final_model:
-            self.uae.save_pretrained(run_dir / "final")
+        if self.config.save_final_model:  # every rank: sharded weights are gathered; rank 0 writes
+            with self.engine.whole_state_dicts():
+                self.uae.save_pretrained(run_dir / "final", write=self.runtime.is_main)
         if self.config.report_images:
-            write_report(self, run_dir)
+            with self.engine.gathered():
+                if self.runtime.is_main:
+                    write_report(self, run_dir)
+            self.runtime.barrier()
 
     # ------------------------------------------------------------------ shared parts
     def setup(self, config, *, uae=None, dataset=None, reward=None) -> None:
         """What every stage starts from: `config`, step 0, the seeded RNG, the model, its device, the reward and the
         image stream — the given ones (the unified schedule's stages share them) or new ones from the config."""
         from .. import api
+        from ..dist import current, make_engine
         from ..rewards.reconstruction import ReconstructionReward
         from .data import open_dataset
 
         self.config, self.step = config, 0
+        self.runtime = current()
+        self.engine = make_engine(config.distributed, self.runtime)
         torch.manual_seed(config.seed)
         self.uae = uae or api.load(
             config.model, conditioning=config.decoder.conditioning, device=config.device, seed=config.seed
@@ -87,78 +96,142 @@ class StageTrainer:
         self.device = self.uae.device
         # Neither touches the global RNG (the tiny backbones fork it), so the adapters' init does not depend on them.
         self.reward = reward or ReconstructionReward.from_config(config.reward, device=self.device)
-        self.dataset = dataset or open_dataset(config.data, seed=config.seed)
+        self.dataset = dataset or open_dataset(
+            config.data, seed=config.seed, rank=self.runtime.rank, world_size=self.runtime.world_size
+        )
 
-    def build_optimizer(self, params: list[torch.nn.Parameter], *, learning_rate: float, updates: int) -> None:
-        """AdamW over `params` and the warmup + constant/linear/cosine schedule over `updates` optimizer steps."""
+    def share(self, count: int, what: str) -> int:
+        """This rank's part of a global count (`what` names the setting); the ranks split it evenly.
+
+        Raises:
+            ConfigError: `count` is not a multiple of the number of processes.
+        """
+        world = self.runtime.world_size
+        if count % world:
+            raise ConfigError(f"{what} = {count} does not split over {world} processes: make it a multiple of {world}")
+        return count // world
+
+    def build_optimizer(self, modules: list[torch.nn.Module], *, learning_rate: float, updates: int) -> None:
+        """Place `modules` (those holding the trained parameters) on the ranks with the run's engine, then AdamW
+        over their trainable parameters and the warmup + constant/linear/cosine schedule over `updates` steps."""
         cfg = self.config
+        self.engine.shard(modules)
+        params = [p for module in modules for p in module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params, lr=learning_rate, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay
         )
+        self.engine.attach(modules, self.optimizer, cfg.max_grad_norm)
         self.scheduler = make_scheduler(self.optimizer, warmup=cfg.warmup_steps, total=updates, kind=cfg.lr_scheduler)
 
-    def optimizer_step(self, params: list[torch.nn.Parameter]) -> float:
-        """Clip the gradient norm of `params` at `max_grad_norm` (0: no clipping), step every optimizer of
-        :meth:`optimizers` and its LR schedule, and clear the gradients. Returns the norm before clipping."""
-        limit = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
-        norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
-        for optimizer, scheduler in self.optimizers().values():
-            optimizer.step()
+    def backward(self, loss: torch.Tensor, *, last: bool = True) -> None:
+        """Backward of this rank's share of the global batch's loss (`last`: the step's final pass)."""
+        self.engine.backward(loss, last=last)
+
+    def optimizer_step(self) -> float:
+        """Average the gradients over the ranks, clip their norm at `max_grad_norm` (0: no clipping), step every
+        optimizer of :meth:`optimizers` and its LR schedule, and clear the gradients. Returns the norm before
+        clipping."""
+        pairs = list(self.optimizers().values())
+        norm = self.engine.step([optimizer for optimizer, _ in pairs])
+        for _, scheduler in pairs:
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
         return norm
 
     def save(self, run_dir: Path) -> Path:
-        """Checkpoint `run_dir/checkpoint-<step>/` (adapters in the released layout + the full trainer state)."""
-        folder = save_checkpoint(
-            Path(run_dir) / f"checkpoint-{self.step}",
-            adapters=self.adapters(),
-            optimizers=self.optimizers(),
-            step=self.step,
-            data_state=self.dataset.state_dict(),
-            config=self.config.to_dict(),
-        )
-        prune_checkpoints(Path(run_dir), self.config.save_total_limit)
+        """Checkpoint `run_dir/checkpoint-<step>/` (adapters in the released layout + the full trainer state).
+
+        Every rank calls it (whole tensors are gathered from the shards); rank 0 writes."""
+        engine, runtime = self.engine, self.runtime
+        adapters = {
+            name: (trained, {k: engine.full(v) for k, v in trained_state(trained).items()})
+            for name, trained in self.adapters().items()
+        }
+        optimizers = {name: (engine.optimizer_state(opt), sched) for name, (opt, sched) in self.optimizers().items()}
+        data_states = runtime.gather(self.dataset.state_dict())
+        rng_states = runtime.gather(torch.get_rng_state())
+        folder = Path(run_dir) / f"checkpoint-{self.step}"
+        if runtime.is_main:
+            save_checkpoint(
+                folder,
+                adapters=adapters,
+                optimizers=optimizers,
+                step=self.step,
+                data_states=data_states,
+                rng_states=rng_states,
+                config=self.config.to_dict(),
+            )
+            prune_checkpoints(Path(run_dir), self.config.save_total_limit)
+        runtime.barrier()
         return folder
 
     def resume(self, folder: Path) -> None:
-        """Restore adapters, optimizers, schedules, RNG, data position and step from a checkpoint folder."""
+        """Restore adapters, optimizers, schedules, RNG, data position and step from a checkpoint folder — one
+        written by any number of processes with any engine."""
         folder = Path(folder)
         state, tensors = load_trainer_state(folder)
         check_same_config(folder, self.config.to_dict())
-        restore_adapters(folder, self.adapters(), self.device)
-        restore_optimizers(folder, self.optimizers(), state, tensors)
-        self.dataset.load_state_dict(state["data"])
-        restore_rng(tensors)
+        restore_adapters(folder, self.adapters(), self.engine)
+        restore_optimizers(folder, self.optimizers(), state, tensors, self.engine)
+        ranks = state.get("data_ranks", [state["data"]])
+        rank = self.runtime.rank
+        self.dataset.load_state_dict(ranks[rank] if len(ranks) == self.runtime.world_size else ranks[0])
+        restore_rng(tensors, rank)
         self.step = state["step"]
 
     def train(self) -> Path:
-        """Train to `max_steps`, logging and checkpointing, then write the final outputs. Returns the run folder."""
-        cfg = self.config
-        run_dir, checkpoint = prepare_run_folder(
-            cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite, log=_notice
+        """Train to `max_steps`, logging and checkpointing, then write the final outputs. Returns the run folder.
+
+        Under a launcher every rank runs it; rank 0 alone checks the run folder, logs and writes."""
+        cfg, runtime = self.config, self.runtime
+        run_dir, checkpoint = runtime.on_main(
+            lambda: prepare_run_folder(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite, log=_notice)
         )
         if checkpoint is not None:
             self.resume(checkpoint)
-        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        logger = MetricsLogger(run_dir, total_steps=cfg.max_steps, start_step=self.step, tensorboard=cfg.tensorboard)
+        logger = None
+        if runtime.is_main:
+            write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            logger = MetricsLogger(
+                run_dir, total_steps=cfg.max_steps, start_step=self.step, tensorboard=cfg.tensorboard
+            )
         try:
             while self.step < cfg.max_steps:
                 metrics = self.train_step()
                 if self.step % cfg.logging_steps == 0 or self.step == cfg.max_steps:
-                    logger.log(self.step, metrics)
-                logger.advance()
+                    metrics = merge_rank_metrics(runtime.gather(metrics))
+                    if logger is not None:
+                        logger.log(self.step, metrics)
+                if logger is not None:
+                    logger.advance()
                 if cfg.save_steps and self.step % cfg.save_steps == 0:
                     self.save(run_dir)
         finally:
-            logger.close()
+            if logger is not None:
+                logger.close()
         if not (run_dir / f"checkpoint-{self.step}").exists():
             self.save(run_dir)
-        skipped = getattr(self.dataset, "skipped", None)
-        if skipped:
+        skipped = [entry for rank in runtime.gather(getattr(self.dataset, "skipped", [])) for entry in rank]
+        if skipped and runtime.is_main:
             write_text_atomic(run_dir / "skipped.json", json.dumps(skipped, indent=2) + "\n")
         self.finish(run_dir)
+        runtime.barrier()
         return run_dir
+
+
+# Metrics that count or measure throughput add up over the ranks; the others are averaged.
+_SUMMED = ("data/skipped_images", "reward/invalid", "update/sequences")
+
+
+def merge_rank_metrics(per_rank: list[dict]) -> dict:
+    """One metrics dict from every rank's: sums for counts and rates (`*_per_s`), means for the rest."""
+    if len(per_rank) == 1:
+        return per_rank[0]
+    merged = {}
+    for key in dict.fromkeys(k for metrics in per_rank for k in metrics):
+        values = [float(m[key]) for m in per_rank if key in m]
+        total = sum(values)
+        merged[key] = total if key in _SUMMED or key.endswith("_per_s") else total / len(values)
+    return merged
 
 
 def _notice(message: str) -> None:

@@ -84,6 +84,10 @@ class PretrainTrainer(StageTrainer):
         smallest = min(int(side) for _, side in s.resolutions)
         if config.data.aspect_buckets and smallest < 64:
             raise ConfigError(f"data.aspect_buckets needs pretrain.resolutions sides >= 64 (got {smallest})")
+        self.pairs_per_rank = self.share(s.batch_size, "pretrain.batch_size")
+        modules = [decoder.transformer] + ([encoder.projector] if self.train_projector else [])
+        self.build_optimizer(modules, learning_rate=s.learning_rate, updates=config.max_steps)
+        # After build_optimizer: a sharding engine replaces the parameters it shards.
         named = {f"dit.{n}": p for n, p in decoder.transformer.named_parameters() if p.requires_grad}
         if self.train_projector:
             named.update({f"projector.{n}": p for n, p in encoder.projector.named_parameters()})
@@ -92,7 +96,6 @@ class PretrainTrainer(StageTrainer):
             self.trained["ema"] = self.ema
         self.cache = ConditioningCache(self._frozen_conditioning, size=s.conditioning_cache, device=self.device)
         self.shift = float(decoder.scheduler.config.get("shift", 1.0))
-        self.build_optimizer(list(named.values()), learning_rate=s.learning_rate, updates=config.max_steps)
 
     def adapters(self) -> dict:
         return self.trained
@@ -139,14 +142,14 @@ class PretrainTrainer(StageTrainer):
             return self.uae.project_caption_states(sequence, mask)
         return sequence, mask, pooled
 
-    def latents(self, pairs: list[TrainImage], side: int, generator: torch.Generator) -> torch.Tensor:
+    def latents(self, pairs: list[TrainImage], side: int, generator: torch.Generator, share=None) -> torch.Tensor:
         """VAE latents of the pairs' images fitted to side² — or, with `data.aspect_buckets`, to their bucket's
-        shape of about that area (a bucketed batch shares one bucket)."""
+        shape of about that area (a bucketed batch shares one bucket). `share`: see `UAEDecoder.encode_images`."""
         height, width = side, side
         if self.config.data.aspect_buckets:
             height, width = aspect_bucket(*pairs[0].pixels.shape[:2], side)
         pixels = torch.stack([fit_image(p.pixels, height, width) for p in pairs])
-        return self.uae.decoder.encode_images(pixels, generator=generator)
+        return self.uae.decoder.encode_images(pixels, generator=generator, share=share)
 
     def losses(self, latents, captions: list[str], sigmas, noise) -> torch.Tensor:
         """[B] weighted rectified-flow losses of the DiT's velocity at x_σ, conditioned on `captions`."""
@@ -171,18 +174,22 @@ class PretrainTrainer(StageTrainer):
         generator = torch.Generator().manual_seed(stable_seed(cfg.seed, self.step, 1))
         side = s.resolution_at(self.step)
         with timer("data"):
-            pairs = self.next_pairs(s.batch_size)
+            pairs = self.next_pairs(self.pairs_per_rank)
+        # Noise is drawn for the whole batch (every rank's pairs) and each rank takes its pairs' part: N processes
+        # train on what one process would (the data stream interleaves the ranks: pair k here is pair k·W + r).
+        world, rank = self.runtime.world_size, self.runtime.rank
+        total, mine = self.pairs_per_rank * world, [k * world + rank for k in range(len(pairs))]
         with timer("encode"):
-            latents = self.latents(pairs, side, generator)
-        sigmas = self.sigmas(len(pairs), generator)
-        noise = torch.randn(latents.shape, generator=generator)
+            latents = self.latents(pairs, side, generator, share=(total, mine))
+        sigmas = self.sigmas(total, generator)[mine]
+        noise = torch.randn((total, *latents.shape[1:]), generator=generator)[mine]
         with timer("update"):
-            loss = self.losses(latents, [p.reference_caption for p in pairs], sigmas, noise).mean()
+            losses = self.losses(latents, [p.reference_caption for p in pairs], sigmas, noise)
+            loss = losses.detach().mean()
             if not torch.isfinite(loss):
-                value = float(loss.detach())
-                raise UAEError(f"step {self.step + 1}: the loss is {value}; lower pretrain.learning_rate")
-            loss.backward()
-            grad_norm = self.optimizer_step([p for group in self.optimizer.param_groups for p in group["params"]])
+                raise UAEError(f"step {self.step + 1}: the loss is {float(loss)}; lower pretrain.learning_rate")
+            self.backward(losses.sum() / total)  # this rank's share of the whole batch's mean
+            grad_norm = self.optimizer_step()
             if self.ema is not None:
                 self.ema.update()
         self.step += 1

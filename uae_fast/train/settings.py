@@ -12,12 +12,19 @@ from dataclasses import dataclass, field
 from ..config import check_all
 from ..errors import ConfigError
 
-__all__ = ["ColdStartSettings", "DIT_ATTENTION_PROJECTIONS", "LoraSettings", "PretrainSettings"]
+__all__ = [
+    "ColdStartSettings",
+    "DIT_ATTENTION_PROJECTIONS",
+    "DistributedSettings",
+    "LoraSettings",
+    "PretrainSettings",
+]
 
 # The DiT's attention projections (image stream and caption stream): Flow-GRPO's LoRA targets for SD3.
 DIT_ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "cosmap", "sigma_sqrt", "uniform")
 FINETUNE_MODES = ("lora", "full")
+ENGINES = ("ddp", "fsdp2", "zero2")  # distributed.engine (uae_fast.dist.engines)
 COLD_START_CAPTIONS = ("sample", "greedy")
 
 
@@ -181,5 +188,31 @@ class ColdStartSettings:
                 (self.eval_images >= 0, f"cold_start.eval_images must be >= 0, got {self.eval_images}"),
                 (not self.dit_lora.train_embeddings, "cold_start.dit_lora.train_embeddings: the DiT has none"),
                 (bool(self.lora_targets), "cold_start.lora_targets is empty: name the DiT modules to adapt"),
+            ]
+        )
+
+
+@dataclass
+class DistributedSettings:
+    engine: str = field(
+        default="ddp",
+        metadata={"help": "how the ranks of a torchrun / deepspeed launch share the trained weights: ddp "
+                  "(replicated), fsdp2 (sharded blocks) or zero2 (DeepSpeed ZeRO-2); one process needs none"},
+    )  # fmt: skip
+    timeout_s: float = field(
+        default=600.0,
+        metadata={"help": "seconds a rank waits for the others in a collective before the job stops (a rank died or "
+                  "hangs)"},
+    )  # fmt: skip
+    deepspeed_config: str | None = field(
+        default=None, metadata={"help": "zero2: a DeepSpeed JSON instead of the shipped configs/deepspeed/zero2.json"}
+    )
+
+    def __post_init__(self):
+        engines = ", ".join(ENGINES)
+        check_all(
+            [
+                (self.engine in ENGINES, f"distributed.engine must be one of {engines}, got {self.engine!r}"),
+                (self.timeout_s > 0, f"distributed.timeout_s must be > 0, got {self.timeout_s}"),
             ]
         )

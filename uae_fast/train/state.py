@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from ..errors import CheckpointError, ConfigError
 from ..io import atomic_dir
 from .run_folder import CHECKPOINT_PREFIX, checkpoint_step
+from .weights import load_trained
 
 __all__ = [
     "save_checkpoint",
@@ -35,7 +36,7 @@ _TENSORS_FILE = "optimizer.safetensors"
 # Config keys a resumed run may change: where and how long it runs, how it logs; never what it learns.
 RESUMABLE_CHANGES = frozenset(
     {"output_dir", "max_steps", "logging_steps", "save_steps", "save_total_limit", "report_images", "tensorboard",
-     "device", "resume", "overwrite", "save_final_model"}
+     "device", "resume", "overwrite", "save_final_model", "distributed"}
 )  # fmt: skip
 
 
@@ -69,28 +70,35 @@ def save_checkpoint(
     adapters: dict,
     optimizers: dict,
     step: int,
-    data_state: dict,
+    data_states: list[dict],
+    rng_states: list[torch.Tensor],
     config: dict,
 ) -> Path:
     """Write one checkpoint folder atomically (a crash mid-write leaves the previous checkpoints untouched).
 
-    `adapters` maps a folder name of the released layout (`llm_lora`, `dit_lora`) to the PEFT model saved there
-    (or another name to trained weights of :mod:`uae_fast.train.weights`);
-    `optimizers` maps the same names to the (optimizer, LR scheduler) pair training that adapter.
+    Rank 0 writes it, from whole tensors every rank helped gather (see :mod:`uae_fast.train.weights`).
+
+    Args:
+        adapters: folder name of the released layout (`llm_lora`, `dit_lora`, ...) → (the trained object, its
+            whole tensors for `save_pretrained(folder, state_dict=...)`).
+        optimizers: name → (the optimizer's whole-tensor state dict, its LR scheduler).
+        data_states, rng_states: each rank's data position and CPU RNG state, in rank order.
     """
     tensors, optimizer_meta = {}, {}
-    for name, (optimizer, scheduler) in optimizers.items():
-        flat, meta = _flatten_optimizer(optimizer.state_dict())
+    for name, (optimizer_state, scheduler) in optimizers.items():
+        flat, meta = _flatten_optimizer(optimizer_state)
         tensors.update({f"{name}/{key}": value for key, value in flat.items()})
         optimizer_meta[name] = {"optimizer": meta, "scheduler": scheduler.state_dict()}
-    tensors["rng.cpu"] = torch.get_rng_state()
+    tensors["rng.cpu"] = rng_states[0]
+    for rank, rng in enumerate(rng_states[1:], start=1):
+        tensors[f"rng.cpu.rank{rank}"] = rng
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
-    state = {"step": step, "optimizers": optimizer_meta, "data": data_state}
+    state = {"step": step, "optimizers": optimizer_meta, "data": data_states[0], "data_ranks": data_states}
     with atomic_dir(folder) as tmp:
-        for name, peft_model in adapters.items():
-            peft_model.save_pretrained(str(tmp / name), safe_serialization=True)
+        for name, (trained, whole) in adapters.items():
+            trained.save_pretrained(str(tmp / name), safe_serialization=True, state_dict=whole)
         save_file(tensors, tmp / _TENSORS_FILE)
         (tmp / _STATE_FILE).write_text(json.dumps(state, indent=1))
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -106,26 +114,15 @@ def load_trainer_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return state, load_file(folder / _TENSORS_FILE)
 
 
-def restore_adapters(folder: Path, adapters: dict, device) -> None:
-    """Load each `folder/<name>/` PEFT adapter into the model under `name` (as :func:`save_checkpoint` wrote them);
-    other trained weights (:mod:`uae_fast.train.weights`) load themselves."""
-    from peft.utils import load_peft_weights, set_peft_model_state_dict
-
-    for name, peft_model in adapters.items():
-        if not (folder / name).is_dir():
-            raise CheckpointError(f"{folder} is not a complete training checkpoint: {name} is missing")
-        if hasattr(peft_model, "load_saved"):
-            peft_model.load_saved(folder / name)
-            continue
-        weights = load_peft_weights(str(folder / name), device=str(device))
-        result = set_peft_model_state_dict(peft_model, weights)
-        unexpected = list(getattr(result, "unexpected_keys", []))
-        if unexpected:
-            raise CheckpointError(f"{folder}/{name} does not fit this model (first unexpected key: {unexpected[0]})")
+def restore_adapters(folder: Path, adapters: dict, engine) -> None:
+    """Load each `folder/<name>/` (as :func:`save_checkpoint` wrote it) into the object trained under `name`."""
+    for name, trained in adapters.items():
+        load_trained(trained, folder / name, engine)
 
 
-def restore_optimizers(folder: Path, optimizers: dict, state: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Load each named (optimizer, scheduler) pair as :func:`save_checkpoint` wrote it."""
+def restore_optimizers(folder: Path, optimizers: dict, state: dict, tensors: dict[str, torch.Tensor], engine) -> None:
+    """Load each named (optimizer, scheduler) pair as :func:`save_checkpoint` wrote it (through `engine`, which
+    shards the whole tensors as it shards the parameters)."""
     saved = state.get("optimizers")
     if saved is None:
         raise CheckpointError(f"{folder} was written by an older uae_fast (one unnamed optimizer): start a new run")
@@ -134,12 +131,13 @@ def restore_optimizers(folder: Path, optimizers: dict, state: dict, tensors: dic
             raise CheckpointError(f"{folder} holds no optimizer state for {name} (it has: {', '.join(sorted(saved))})")
         prefix = f"{name}/"
         flat = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        optimizer.load_state_dict(_unflatten_optimizer(flat, saved[name]["optimizer"]))
+        engine.load_optimizer_state(optimizer, _unflatten_optimizer(flat, saved[name]["optimizer"]))
         scheduler.load_state_dict(saved[name]["scheduler"])
 
 
-def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(tensors["rng.cpu"])
+def restore_rng(tensors: dict[str, torch.Tensor], rank: int = 0) -> None:
+    """This rank's CPU RNG state (rank 0's when the checkpoint had fewer ranks) and the CUDA ones."""
+    torch.set_rng_state(tensors.get(f"rng.cpu.rank{rank}", tensors["rng.cpu"]) if rank else tensors["rng.cpu"])
     cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)

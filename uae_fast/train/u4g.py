@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import UAEError
+from ..errors import ConfigError, UAEError
 from ..models.decoder import ode_step
 from ..rl.flow_grpo import flow_grpo_loss, sde_step, transition_logprob
 from ..rl.grpo import GroupAdvantages, group_advantages
@@ -60,12 +60,14 @@ class U4GTrainer(StageTrainer):
 
     def __init__(self, config: TrainConfig, *, uae=None, dataset: ImageDataset | None = None, reward=None, steps=None):
         self.setup(config, uae=uae, dataset=dataset, reward=reward)
+        if self.runtime.distributed:  # not yet: its batches and losses are not split over ranks
+            raise ConfigError("stage u4g runs in one process for now (g4u and pretrain run distributed)")
         cfg, s = config, config.u4g
         self.policy = DecoderPolicy(self.uae, cfg.decoder, s)
         self.captions: dict[str, str] = {}  # image key → caption (greedy: whole run; sampled: this epoch)
         self.captions_epoch = self.dataset.epoch
         updates = (cfg.max_steps if steps is None else steps) * s.num_updates
-        self.build_optimizer(self.policy.trainable_parameters(), learning_rate=s.learning_rate, updates=updates)
+        self.build_optimizer([self.uae.decoder.transformer], learning_rate=s.learning_rate, updates=updates)
 
     def adapters(self) -> dict:
         return {"dit_lora": self.policy.peft_model}
@@ -213,10 +215,10 @@ class U4GTrainer(StageTrainer):
                     if not torch.isfinite(loss):
                         raise UAEError(f"step {self.step + 1}: the loss is {float(loss)}; lower u4g.learning_rate")
                     # The part's loss: the mean over its renders and over the trained steps.
-                    (loss * (len(mb) / (len(rows) * len(batch.steps)))).backward()
+                    self.backward(loss * (len(mb) / (len(rows) * len(batch.steps))))
                     for key, value in {"loss": loss.detach(), **m}.items():
                         metrics.setdefault(key, []).append(float(value) * len(mb) / len(rows) / len(batch.steps))
-            norms.append(self.optimizer_step(self.policy.trainable_parameters()))
+            norms.append(self.optimizer_step())
         parts = max(len(norms), 1)
         out = {k: sum(v) / parts for k, v in metrics.items()}
         out["grad_norm"] = sum(norms) / parts

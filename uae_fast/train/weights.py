@@ -1,8 +1,10 @@
-"""Trained weights that are not PEFT adapters, checkpointed beside them: a fully fine-tuned module (stage 1's DiT,
-the projector) and the exponential moving average of trained parameters.
+"""What a stage trains, as checkpoints see it: PEFT adapters, a fully fine-tuned module (stage 1's DiT, the
+projector) and the exponential moving average of trained parameters.
 
-Both follow the adapters' checkpoint protocol: `save_pretrained(folder)` writes `model.safetensors` there and
-`load_saved(folder)` reads it back (see :func:`uae_fast.train.state.restore_adapters`).
+All follow one protocol, so that a checkpoint is written from sharded weights by rank 0 alone:
+:func:`trained_state` gives the tensors to save (every rank calls it; the engine makes them whole), then
+`save_pretrained(folder, state_dict=whole)` writes them (PEFT's own method for adapters, `model.safetensors` for
+the others), and :func:`load_trained` reads them back into the (possibly sharded) parameters through the engine.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
 
-__all__ = ["EMA", "FullWeights"]
+__all__ = ["EMA", "FullWeights", "adapter_parameters", "load_trained", "trained_state"]
 
 _FILE = "model.safetensors"
 
@@ -36,17 +38,63 @@ def _load(folder, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def adapter_parameters(peft_model) -> dict[str, torch.nn.Parameter]:
+    """A PEFT model's trained parameters under the names its adapter folder stores them."""
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(peft_model, state_dict=peft_model.state_dict(keep_vars=True))
+
+
+def trained_state(trained) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint keeps of `trained` (a PEFT model, :class:`FullWeights` or :class:`EMA`), under the
+    names its `save_pretrained(folder, state_dict=...)` takes; possibly sharded (see the module docstring)."""
+    if hasattr(trained, "trained_state"):
+        return trained.trained_state()
+    ids = {id(p) for p in adapter_parameters(trained).values()}
+    return {k: v for k, v in trained.state_dict(keep_vars=True).items() if id(v) in ids}
+
+
+def load_trained(trained, folder, engine) -> None:
+    """Load what `save_pretrained` wrote in `folder` into `trained`, each tensor through `engine.load`.
+
+    Raises:
+        CheckpointError: the folder is missing or holds other parameters than `trained` has.
+    """
+    if hasattr(trained, "load_saved"):
+        trained.load_saved(folder, engine)
+        return
+    from peft.utils import load_peft_weights
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder.parent} is not a complete training checkpoint: {folder.name} is missing")
+    params = adapter_parameters(trained)
+    weights = load_peft_weights(str(folder), device="cpu")
+    unexpected = sorted(set(weights) - set(params))
+    missing = sorted(set(params) - set(weights))
+    if unexpected or missing:
+        first = f"unexpected key {unexpected[0]}" if unexpected else f"missing key {missing[0]}"
+        raise CheckpointError(f"{folder} does not fit this model ({first})")
+    for name, param in params.items():
+        engine.load(param, weights[name])
+
+
 class FullWeights:
     """Every weight of `module`, trained without adapters."""
 
     def __init__(self, module: torch.nn.Module):
         self.module = module
 
-    def save_pretrained(self, folder, safe_serialization: bool = True) -> None:
-        _save(self.module.state_dict(), folder)
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
 
-    def load_saved(self, folder) -> None:
-        self.module.load_state_dict(_load(folder, self.module.state_dict()))
+    def save_pretrained(self, folder, safe_serialization: bool = True, state_dict=None) -> None:
+        _save(self.module.state_dict() if state_dict is None else state_dict, folder)
+
+    def load_saved(self, folder, engine) -> None:
+        tensors = _load(folder, self.module.state_dict())
+        for name, tensor in self.module.state_dict(keep_vars=True).items():
+            engine.load(tensor, tensors[name])
 
 
 class EMA:
@@ -77,9 +125,13 @@ class EMA:
                 for name, p in self.parameters.items():
                     p.copy_(saved[name])
 
-    def save_pretrained(self, folder, safe_serialization: bool = True) -> None:
-        _save(self.shadow, folder)
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        return self.shadow
 
-    def load_saved(self, folder) -> None:
+    def save_pretrained(self, folder, safe_serialization: bool = True, state_dict=None) -> None:
+        _save(self.shadow if state_dict is None else state_dict, folder)
+
+    def load_saved(self, folder, engine) -> None:
         tensors = _load(folder, self.shadow)
-        self.shadow = {k: v.to(self.shadow[k].device) for k, v in tensors.items()}
+        for name, shadow in self.shadow.items():
+            engine.load(shadow, tensors[name])

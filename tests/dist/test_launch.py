@@ -1,0 +1,218 @@
+"""Stage 2a and stage 1 under `torchrun --nproc_per_node=2` (gloo on this CPU) with each engine train exactly as one
+process on the same global batch; checkpoints move between world sizes; a dead or hung rank stops the job."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+# Short runs of the tiny preset: 2a on 4 images x 4 captions, stage 1 on 4 pairs, no report or final model. The
+# decoder renders one image's captions per forward in both runs: batched fp32 GEMMs round differently per batch
+# shape, and the tiny random decoder turns that into reward differences of ~1e-5 — as large as its groups' spread.
+G4U = ["--preset", "tiny", "batch_size=16", "num_generations=4", "decoder.batch_size=4", "micro_batch_tokens=64",
+       "report_images=0", "save_final_model=false", "tensorboard=false"]  # fmt: skip
+PRETRAIN = ["--preset", "tiny", "--stage", "pretrain", "pretrain.eval_images=0", "pretrain.ema_decay=0.9",
+            "report_images=0", "save_final_model=false", "tensorboard=false"]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(out: Path, args: list[str], processes: int) -> list[str]:
+    cli = ["-m", "uae_fast.cli", "train", "--out", str(out), *args]
+    if processes == 1:
+        return [sys.executable, *cli]
+    run = ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={free_port()}"]
+    return [sys.executable, *run, *cli]
+
+
+def launch_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture
+def launch():
+    """`launch(out, args, processes)`: `uae-fast train` in `processes` processes (torchrun when > 1); returns the
+    finished process (stdout + stderr in `.stdout`) and fails the test on a non-zero exit."""
+
+    def run(out: Path, args: list[str], processes: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+        done = subprocess.run(
+            launch_command(out, args, processes),
+            env=launch_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+        )
+        assert done.returncode == 0, done.stdout[-4000:]
+        return done
+
+    return run
+
+
+def checkpoint_tensors(run_dir: Path, step: int | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Every safetensors file of a run's checkpoint (the latest, or `step`'s) by relative path, RNG states left out."""
+    found = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    folder = run_dir / f"checkpoint-{step}" if step is not None else found[-1]
+    out = {}
+    for path in sorted(folder.rglob("*.safetensors")):
+        tensors = load_file(path)
+        out[str(path.relative_to(folder))] = {k: v for k, v in tensors.items() if not k.startswith("rng.")}
+    return out
+
+
+def assert_same_training(a: dict, b: dict, *, lr: float, steps: int, moment_rtol: float = 1e-4) -> None:
+    """Two checkpoints hold the same training: the same files and tensors; Adam's moments — the averaged gradients:
+    a gradient not reduced, or reduced at a wrong scale, shows here — equal to `moment_rtol` of each tensor's largest
+    entry; 99.9 % of the weights equal to 1e-6 and all within Adam's largest possible update (lr per step) of each
+    other: where a gradient is ~0, Adam's g/(√v + ε) turns rounding noise (the summation order differs between 1
+    and 2 processes) into a step of up to ±lr."""
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].keys() == b[name].keys(), name
+        close = total = 0
+        for key, x in a[name].items():
+            y = b[name][key]
+            assert x.shape == y.shape, (name, key)
+            if not x.numel():
+                continue
+            diff = (x.double() - y.double()).abs()
+            if name == "optimizer.safetensors":
+                scale = float(x.double().abs().max())
+                assert float(diff.max()) <= moment_rtol * scale + 1e-12, (name, key, float(diff.max()), scale)
+            else:
+                assert float(diff.max()) <= 2 * lr * steps, (name, key, float(diff.max()))
+                close, total = close + int((diff <= 1e-6).sum()), total + diff.numel()
+        assert close >= 0.999 * total, (name, total - close, total)
+
+
+G4U_LR, PRETRAIN_LR = 2e-3, 3e-3  # the shipped tiny configs' learning rates
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """One-process runs, made once: stage 2a for 3 steps (a checkpoint each), stage 1 for 4 (checkpoints at 2, 4)."""
+    runs = {}
+    for name, args in (("g4u", [*G4U, "max_steps=3", "save_steps=1", "save_total_limit=3"]),
+                       ("pretrain", [*PRETRAIN, "max_steps=4", "save_steps=2"])):  # fmt: skip
+        out = tmp_path_factory.mktemp("one") / name
+        command = launch_command(out, args, 1)
+        done = subprocess.run(command, env=launch_env(), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-4000:]
+        runs[name] = out
+    return runs
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "zero2"])
+def test_g4u_on_two_processes_trains_as_one(tmp_path, launch, one_process, engine):
+    """One step from the same rollouts (the ranks sample what one process samples for their images). Further steps
+    are not compared: rollouts sampled from weights that differ by rounding drift apart (as they do in one process
+    under another micro-batching)."""
+    launch(tmp_path / "run", [*G4U, "max_steps=1", f"distributed.engine={engine}"])
+    a, b = checkpoint_tensors(one_process["g4u"], 1), checkpoint_tensors(tmp_path / "run")
+    assert_same_training(a, b, lr=G4U_LR, steps=1)
+
+
+def test_g4u_resumes_on_two_processes_from_one(tmp_path, launch, one_process):
+    """Step 3 on 2 ZeRO-2 ranks, resumed from the one-process run's step-2 checkpoint == that run's step 3: weights,
+    optimizer state, data position and sampling carry over to another world size and engine."""
+    resume = f"resume={one_process['g4u'] / 'checkpoint-2'}"
+    launch(tmp_path / "run", [*G4U, "max_steps=3", "distributed.engine=zero2", resume])
+    a, b = checkpoint_tensors(one_process["g4u"], 3), checkpoint_tensors(tmp_path / "run", 3)
+    assert_same_training(a, b, lr=G4U_LR, steps=1)
+
+
+@pytest.mark.parametrize("engine", ["ddp", "zero2"])
+def test_pretrain_on_two_processes_trains_as_one(tmp_path, launch, one_process, engine):
+    launch(tmp_path / "run", [*PRETRAIN, "max_steps=2", f"distributed.engine={engine}"])
+    a, b = checkpoint_tensors(one_process["pretrain"], 2), checkpoint_tensors(tmp_path / "run")
+    assert_same_training(a, b, lr=PRETRAIN_LR, steps=2)
+
+
+def test_pretrain_on_two_fsdp2_ranks_then_one_process_trains_as_one(tmp_path, launch, one_process):
+    """Steps 1-2 on 2 FSDP2 ranks == one process's steps 1-2; then steps 3-4 in one process, resumed from the
+    sharded run's checkpoint == one process's uninterrupted steps 1-4 (stage 1's data and noise do not depend on the
+    weights, so the runs stay together)."""
+    launch(tmp_path / "run", [*PRETRAIN, "max_steps=2", "distributed.engine=fsdp2"])
+    assert_same_training(
+        checkpoint_tensors(one_process["pretrain"], 2), checkpoint_tensors(tmp_path / "run", 2), lr=PRETRAIN_LR, steps=2
+    )
+    launch(tmp_path / "run", [*PRETRAIN, "max_steps=4", "resume=auto"], processes=1)
+    assert_same_training(
+        checkpoint_tensors(one_process["pretrain"], 4), checkpoint_tensors(tmp_path / "run", 4), lr=PRETRAIN_LR, steps=4
+    )
+
+
+def _start(out: Path, args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        launch_command(out, args, 2), env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _rank_pid(job: subprocess.Popen, rank: int, out: Path, deadline: float) -> int:
+    """The pid of `rank`'s worker, once the run has written its second checkpoint (it is mid-run then)."""
+    while time.time() < deadline:
+        children = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
+        for pid in children:
+            try:
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in env and (out / "checkpoint-2").is_dir():
+                return int(pid)
+        assert job.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.2)
+    raise AssertionError("the run did not reach its second checkpoint")
+
+
+def test_a_killed_rank_stops_the_job_and_resume_finishes_it(tmp_path, launch):
+    out = tmp_path / "run"
+    args = [*PRETRAIN, "max_steps=100000", "save_steps=2"]
+    job = _start(out, args)
+    try:
+        victim = _rank_pid(job, 1, out, time.time() + 120)
+        killed_at = time.time()
+        subprocess.run(["kill", "-9", str(victim)], check=True)
+        output, _ = job.communicate(timeout=60)
+    finally:
+        job.kill()
+    assert job.returncode != 0 and time.time() - killed_at < 60
+    # torchrun's summary names the dead rank and how it died.
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s*\n\s*exitcode\s*:\s*-9", output), output[-3000:]
+    done = launch(out, [*PRETRAIN, "max_steps=6", "save_steps=2", "resume=auto"])
+    assert (out / "checkpoint-6").is_dir(), done.stdout[-2000:]
+
+
+def test_a_hung_rank_stops_the_job_within_the_timeout(tmp_path):
+    """A stopped (hung) rank: rank 0 gives up after `distributed.timeout_s` with a one-line error naming itself and
+    exits; torchrun then tears the job down (its grace period for the hung worker is not part of this test)."""
+    out = tmp_path / "run"
+    job = _start(out, [*PRETRAIN, "max_steps=100000", "save_steps=2", "distributed.timeout_s=5"])
+    try:
+        victim = _rank_pid(job, 1, out, time.time() + 120)
+        stopped_at = time.time()
+        subprocess.run(["kill", "-STOP", str(victim)], check=True)
+        line = next((text for text in job.stdout if "lost contact" in text), "")
+        waited = time.time() - stopped_at
+    finally:
+        for pid in subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split():
+            subprocess.run(["kill", "-9", pid])  # the stopped worker holds the output pipe open
+        job.kill()
+        job.communicate()
+    assert line.startswith("uae-fast: rank 0: error: rank 0 of 2 lost contact with the other ranks"), line
+    assert "distributed.timeout_s=5" in line and "--resume" in line
+    assert waited < 60
