@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Unified Auto-Encoder tools: image → caption (Qwen2.5-VL) → image (SD3.5).",
         epilog="Example: uae-fast reconstruct --demo --preset tiny --out out/",
     )
+    # The deepspeed launcher passes --local_rank=N first; LOCAL_RANK in the environment says the same.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     cap = sub.add_parser("caption", help="caption images", description="Caption images with the encoder.")

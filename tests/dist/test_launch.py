@@ -32,10 +32,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_command(out: Path, args: list[str], processes: int) -> list[str]:
+def launch_command(out: Path, args: list[str], processes: int, launcher: str = "torchrun") -> list[str]:
     cli = ["-m", "uae_fast.cli", "train", "--out", str(out), *args]
     if processes == 1:
         return [sys.executable, *cli]
+    if launcher == "deepspeed":  # `deepspeed --num_gpus N --module uae_fast.cli ...` (it uses CPU ranks here)
+        run = ["-m", "deepspeed.launcher.runner", f"--num_gpus={processes}", f"--master_port={free_port()}"]
+        return [sys.executable, *run, "--module", *cli[1:]]
     run = ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={free_port()}"]
     return [sys.executable, *run, *cli]
 
@@ -49,9 +52,11 @@ def launch():
     """`launch(out, args, processes)`: `uae-fast train` in `processes` processes (torchrun when > 1); returns the
     finished process (stdout + stderr in `.stdout`) and fails the test on a non-zero exit."""
 
-    def run(out: Path, args: list[str], processes: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    def run(
+        out: Path, args: list[str], processes: int = 2, timeout: float = 300, launcher: str = "torchrun"
+    ) -> subprocess.CompletedProcess:
         done = subprocess.run(
-            launch_command(out, args, processes),
+            launch_command(out, args, processes, launcher),
             env=launch_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -136,9 +141,9 @@ def test_g4u_resumes_on_two_processes_from_one(tmp_path, launch, one_process):
     assert_same_training(a, b, lr=G4U_LR, steps=1)
 
 
-@pytest.mark.parametrize("engine", ["ddp", "zero2"])
-def test_pretrain_on_two_processes_trains_as_one(tmp_path, launch, one_process, engine):
-    launch(tmp_path / "run", [*PRETRAIN, "max_steps=2", f"distributed.engine={engine}"])
+@pytest.mark.parametrize("engine, launcher", [("ddp", "torchrun"), ("zero2", "deepspeed")])
+def test_pretrain_on_two_processes_trains_as_one(tmp_path, launch, one_process, engine, launcher):
+    launch(tmp_path / "run", [*PRETRAIN, "max_steps=2", f"distributed.engine={engine}"], launcher=launcher)
     a, b = checkpoint_tensors(one_process["pretrain"], 2), checkpoint_tensors(tmp_path / "run")
     assert_same_training(a, b, lr=PRETRAIN_LR, steps=2)
 

@@ -58,11 +58,12 @@ def test_one_process_engine_backward_and_step_are_plain_training():
 def test_merge_rank_metrics_sums_counts_and_rates_and_averages_the_rest():
     merged = merge_rank_metrics(
         [
-            {"reward": 1.0, "update/sequences": 8, "samples_per_s": 10.0, "eval/only_here": 3.0},
-            {"reward": 3.0, "update/sequences": 4, "samples_per_s": 30.0},
+            {"reward": 1.0, "update/sequences": 8, "samples_per_s": 10.0, "eval/only_here": 3.0, "memory/peak_gb": 2},
+            {"reward": 3.0, "update/sequences": 4, "samples_per_s": 30.0, "memory/peak_gb": 5},
         ]
     )
-    assert merged == {"reward": 2.0, "update/sequences": 12.0, "samples_per_s": 40.0, "eval/only_here": 3.0}
+    assert merged == {"reward": 2.0, "update/sequences": 12.0, "samples_per_s": 40.0, "eval/only_here": 3.0,
+                      "memory/peak_gb": 5.0}  # fmt: skip
 
 
 def test_ranks_draw_the_one_process_stream_interleaved_and_resume_on_another_world_size():

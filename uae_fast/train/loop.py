@@ -198,7 +198,7 @@ class StageTrainer:
             while self.step < cfg.max_steps:
                 metrics = self.train_step()
                 if self.step % cfg.logging_steps == 0 or self.step == cfg.max_steps:
-                    metrics = merge_rank_metrics(runtime.gather(metrics))
+                    metrics = merge_rank_metrics(runtime.gather({**metrics, "memory/peak_gb": peak_memory_gb()}))
                     if logger is not None:
                         logger.log(self.step, metrics)
                 if logger is not None:
@@ -218,20 +218,34 @@ class StageTrainer:
         return run_dir
 
 
-# Metrics that count or measure throughput add up over the ranks; the others are averaged.
+# Metrics that count or measure throughput add up over the ranks; memory is the largest rank's; the rest averaged.
 _SUMMED = ("data/skipped_images", "reward/invalid", "update/sequences")
 
 
 def merge_rank_metrics(per_rank: list[dict]) -> dict:
-    """One metrics dict from every rank's: sums for counts and rates (`*_per_s`), means for the rest."""
+    """One metrics dict from every rank's: sums for counts and rates (`*_per_s`), the maximum for `memory/*`, means
+    for the rest."""
     if len(per_rank) == 1:
         return per_rank[0]
     merged = {}
     for key in dict.fromkeys(k for metrics in per_rank for k in metrics):
         values = [float(m[key]) for m in per_rank if key in m]
-        total = sum(values)
-        merged[key] = total if key in _SUMMED or key.endswith("_per_s") else total / len(values)
+        if key.startswith("memory/"):
+            merged[key] = max(values)
+        elif key in _SUMMED or key.endswith("_per_s"):
+            merged[key] = sum(values)
+        else:
+            merged[key] = sum(values) / len(values)
     return merged
+
+
+def peak_memory_gb() -> float:
+    """This process's peak memory so far, GiB: the CUDA allocator's peak on a GPU, else the peak resident set."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _notice(message: str) -> None:
