@@ -22,6 +22,10 @@ pytestmark = pytest.mark.slow
 # shape, and the tiny random decoder turns that into reward differences of ~1e-5 — as large as its groups' spread.
 G4U = ["--preset", "tiny", "batch_size=16", "num_generations=4", "decoder.batch_size=4", "micro_batch_tokens=64",
        "report_images=0", "save_final_model=false", "tensorboard=false"]  # fmt: skip
+U4G = ["--preset", "tiny", "--stage", "u4g", "u4g.batch_size=16", "u4g.num_generations=4", "decoder.batch_size=4",
+       "u4g.beta=0.05", "report_images=0", "save_final_model=false", "tensorboard=false"]  # fmt: skip
+UNIFIED = [*G4U[:2], "--stage", "unified", *G4U[2:], "u4g.batch_size=16", "u4g.num_generations=4",
+           "unified.g4u_steps=1"]  # fmt: skip
 PRETRAIN = ["--preset", "tiny", "--stage", "pretrain", "pretrain.eval_images=0", "pretrain.ema_decay=0.9",
             "report_images=0", "save_final_model=false", "tensorboard=false"]  # fmt: skip
 
@@ -83,9 +87,9 @@ def checkpoint_tensors(run_dir: Path, step: int | None = None) -> dict[str, dict
 def assert_same_training(a: dict, b: dict, *, lr: float, steps: int, moment_rtol: float = 1e-4) -> None:
     """Two checkpoints hold the same training: the same files and tensors; Adam's moments — the averaged gradients:
     a gradient not reduced, or reduced at a wrong scale, shows here — equal to `moment_rtol` of each tensor's largest
-    entry; 99.9 % of the weights equal to 1e-6 and all within Adam's largest possible update (lr per step) of each
-    other: where a gradient is ~0, Adam's g/(√v + ε) turns rounding noise (the summation order differs between 1
-    and 2 processes) into a step of up to ±lr."""
+    entry; 99.9 % of the weights within 1 % of Adam's largest possible update (lr per step), all within twice it:
+    where a gradient is ~0, Adam's g/(√v + ε) turns rounding noise (the summation order differs between 1 and 2
+    processes) into a step of up to ±lr."""
     assert a.keys() == b.keys()
     for name in a:
         assert a[name].keys() == b[name].keys(), name
@@ -101,7 +105,7 @@ def assert_same_training(a: dict, b: dict, *, lr: float, steps: int, moment_rtol
                 assert float(diff.max()) <= moment_rtol * scale + 1e-12, (name, key, float(diff.max()), scale)
             else:
                 assert float(diff.max()) <= 2 * lr * steps, (name, key, float(diff.max()))
-                close, total = close + int((diff <= 1e-6).sum()), total + diff.numel()
+                close, total = close + int((diff <= 0.01 * lr * steps).sum()), total + diff.numel()
         assert close >= 0.999 * total, (name, total - close, total)
 
 
@@ -110,10 +114,12 @@ G4U_LR, PRETRAIN_LR = 2e-3, 3e-3  # the shipped tiny configs' learning rates
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    """One-process runs, made once: stage 2a for 3 steps (a checkpoint each), stage 1 for 4 (checkpoints at 2, 4)."""
+    """One-process runs, made once: stage 2a for 3 steps (a checkpoint each), stage 1 for 4 (checkpoints at 2, 4),
+    stage 2b for 1, the unified schedule for 2 (a 2a step, then a 2b step)."""
     runs = {}
     for name, args in (("g4u", [*G4U, "max_steps=3", "save_steps=1", "save_total_limit=3"]),
-                       ("pretrain", [*PRETRAIN, "max_steps=4", "save_steps=2"])):  # fmt: skip
+                       ("pretrain", [*PRETRAIN, "max_steps=4", "save_steps=2"]),
+                       ("u4g", [*U4G, "max_steps=1"]), ("unified", [*UNIFIED, "max_steps=2"])):  # fmt: skip
         out = tmp_path_factory.mktemp("one") / name
         command = launch_command(out, args, 1)
         done = subprocess.run(command, env=launch_env(), capture_output=True, text=True, timeout=300)
@@ -139,6 +145,17 @@ def test_g4u_resumes_on_two_processes_from_one(tmp_path, launch, one_process):
     launch(tmp_path / "run", [*G4U, "max_steps=3", "distributed.engine=zero2", resume])
     a, b = checkpoint_tensors(one_process["g4u"], 3), checkpoint_tensors(tmp_path / "run", 3)
     assert_same_training(a, b, lr=G4U_LR, steps=1)
+
+
+@pytest.mark.parametrize("stage, engine", [("u4g", "fsdp2"), ("unified", "zero2")])
+def test_stage_2b_and_the_unified_schedule_on_two_processes_train_as_one(tmp_path, launch, one_process, stage, engine):
+    """Stage 2b's SDE noise is drawn per render from its place in the whole batch, so its rollouts match; the
+    unified schedule's stage that is not training sees the other's model whole."""
+    steps = 1 if stage == "u4g" else 2  # unified: a 2a step, then a 2b step
+    args = [*(U4G if stage == "u4g" else UNIFIED), f"max_steps={steps}", f"distributed.engine={engine}"]
+    launch(tmp_path / "run", args)
+    a, b = checkpoint_tensors(one_process[stage], steps), checkpoint_tensors(tmp_path / "run")
+    assert_same_training(a, b, lr=2e-3, steps=steps)
 
 
 @pytest.mark.parametrize("engine, launcher", [("ddp", "torchrun"), ("zero2", "deepspeed")])

@@ -38,6 +38,7 @@ class Engine:
         self.runtime = runtime
         self.settings = settings
         self.params: list[torch.nn.Parameter] = []
+        self.optimizers: list[torch.optim.Optimizer] = []
 
     # ------------------------------------------------------------------ building
     def shard(self, modules: list[torch.nn.Module]) -> None:
@@ -46,6 +47,7 @@ class Engine:
     def attach(self, modules: list[torch.nn.Module], optimizer: torch.optim.Optimizer, max_grad_norm: float):
         """Take charge of `optimizer` over the trainable parameters of `modules` (a stage may attach several)."""
         self.params = self.params + [p for group in optimizer.param_groups for p in group["params"]]
+        self.optimizers = self.optimizers + [optimizer]
         self.max_grad_norm = max_grad_norm
 
     # ------------------------------------------------------------------ a step

@@ -127,7 +127,7 @@ def sde_step(
     noise_level: float = 0.7,
     sde_type: str = "sde",
     prev_sample: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> SDEStep:
     """One stochastic Euler step from σ to σ' (module docstring), sampled or evaluated.
 
@@ -138,7 +138,8 @@ def sde_step(
         noise_level: a >= 0. sde_type: "sde" or "cps".
         prev_sample: [B, ...] a stored x' to evaluate; None draws x' = μ + std·ε with one ``generator`` draw of the
             latents' shape (a CPU generator is fine for CUDA latents: the draw is moved).
-        generator: torch.Generator for ε.
+        generator: torch.Generator for ε, or B of them, one per row (each row's ε then does not depend on the batch
+            it is drawn in: what a distributed run needs to draw as one process does).
 
     Returns:
         SDEStep(prev_sample, log_prob [B], mean, std [B]); log_prob is the true Gaussian log-density (constants
@@ -156,8 +157,13 @@ def sde_step(
     x, v = latents.to(dtype), velocity.to(dtype)
     mean = x + (drift_x.view(view) * x + drift_v.view(view) * v)
     if prev_sample is None:
-        draw_on = generator.device if generator is not None else latents.device
-        noise = torch.randn(latents.shape, generator=generator, device=draw_on, dtype=dtype).to(latents.device)
+        if isinstance(generator, (list, tuple)):
+            noise = torch.stack(
+                [torch.randn(latents.shape[1:], generator=g, device=g.device, dtype=dtype) for g in generator]
+            ).to(latents.device)
+        else:
+            draw_on = generator.device if generator is not None else latents.device
+            noise = torch.randn(latents.shape, generator=generator, device=draw_on, dtype=dtype).to(latents.device)
         prev_sample = mean + std.view(view) * noise
     else:
         prev_sample = prev_sample.to(dtype)

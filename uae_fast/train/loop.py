@@ -9,6 +9,7 @@ final model and the report.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -69,13 +70,25 @@ class StageTrainer:
         from .report import write_report
 
         if self.config.save_final_model:  # every rank: sharded weights are gathered; rank 0 writes
-            with self.engine.whole_state_dicts():
+            with contextlib.ExitStack() as stack:
+                for engine in self.engines():
+                    stack.enter_context(engine.whole_state_dicts())
                 self.uae.save_pretrained(run_dir / "final", write=self.runtime.is_main)
         if self.config.report_images:
-            with self.engine.gathered():
+            with contextlib.ExitStack() as stack:
+                for engine in self.engines():
+                    stack.enter_context(engine.gathered())
                 if self.runtime.is_main:
                     write_report(self, run_dir)
             self.runtime.barrier()
+
+    def engines(self) -> list:
+        """The engines placing this stage's trained modules (the unified schedule has one per stage)."""
+        return [self.engine]
+
+    def engine_for(self, optimizer):
+        """The engine that took charge of `optimizer`."""
+        return next(engine for engine in self.engines() if any(optimizer is o for o in engine.optimizers))
 
     # ------------------------------------------------------------------ shared parts
     def setup(self, config, *, uae=None, dataset=None, reward=None) -> None:
@@ -146,7 +159,9 @@ class StageTrainer:
             name: (trained, {k: engine.full(v) for k, v in trained_state(trained).items()})
             for name, trained in self.adapters().items()
         }
-        optimizers = {name: (engine.optimizer_state(opt), sched) for name, (opt, sched) in self.optimizers().items()}
+        optimizers = {
+            name: (self.engine_for(opt).optimizer_state(opt), sched) for name, (opt, sched) in self.optimizers().items()
+        }
         data_states = runtime.gather(self.dataset.state_dict())
         rng_states = runtime.gather(torch.get_rng_state())
         folder = Path(run_dir) / f"checkpoint-{self.step}"
@@ -171,7 +186,11 @@ class StageTrainer:
         state, tensors = load_trainer_state(folder)
         check_same_config(folder, self.config.to_dict())
         restore_adapters(folder, self.adapters(), self.engine)
-        restore_optimizers(folder, self.optimizers(), state, tensors, self.engine)
+
+        def load(optimizer, saved: dict) -> None:
+            self.engine_for(optimizer).load_optimizer_state(optimizer, saved)
+
+        restore_optimizers(folder, self.optimizers(), state, tensors, load)
         ranks = state.get("data_ranks", [state["data"]])
         rank = self.runtime.rank
         self.dataset.load_state_dict(ranks[rank] if len(ranks) == self.runtime.world_size else ranks[0])

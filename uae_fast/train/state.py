@@ -120,9 +120,9 @@ def restore_adapters(folder: Path, adapters: dict, engine) -> None:
         load_trained(trained, folder / name, engine)
 
 
-def restore_optimizers(folder: Path, optimizers: dict, state: dict, tensors: dict[str, torch.Tensor], engine) -> None:
-    """Load each named (optimizer, scheduler) pair as :func:`save_checkpoint` wrote it (through `engine`, which
-    shards the whole tensors as it shards the parameters)."""
+def restore_optimizers(folder: Path, optimizers: dict, state: dict, tensors: dict[str, torch.Tensor], load) -> None:
+    """Load each named (optimizer, scheduler) pair as :func:`save_checkpoint` wrote it; `load(optimizer, state)`
+    takes each whole-tensor optimizer state (the engine's, which shards it as it shards the parameters)."""
     saved = state.get("optimizers")
     if saved is None:
         raise CheckpointError(f"{folder} was written by an older uae_fast (one unnamed optimizer): start a new run")
@@ -131,7 +131,7 @@ def restore_optimizers(folder: Path, optimizers: dict, state: dict, tensors: dic
             raise CheckpointError(f"{folder} holds no optimizer state for {name} (it has: {', '.join(sorted(saved))})")
         prefix = f"{name}/"
         flat = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        engine.load_optimizer_state(optimizer, _unflatten_optimizer(flat, saved[name]["optimizer"]))
+        load(optimizer, _unflatten_optimizer(flat, saved[name]["optimizer"]))
         scheduler.load_state_dict(saved[name]["scheduler"])
 
 

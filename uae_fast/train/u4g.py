@@ -10,12 +10,13 @@ keeping each trained step's transition and log-probability (`rollout`) → rewar
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError, UAEError
+from ..errors import UAEError
 from ..models.decoder import ode_step
 from ..rl.flow_grpo import flow_grpo_loss, sde_step, transition_logprob
 from ..rl.grpo import GroupAdvantages, group_advantages
@@ -60,9 +61,8 @@ class U4GTrainer(StageTrainer):
 
     def __init__(self, config: TrainConfig, *, uae=None, dataset: ImageDataset | None = None, reward=None, steps=None):
         self.setup(config, uae=uae, dataset=dataset, reward=reward)
-        if self.runtime.distributed:  # not yet: its batches and losses are not split over ranks
-            raise ConfigError("stage u4g runs in one process for now (g4u and pretrain run distributed)")
         cfg, s = config, config.u4g
+        self.captions_per_rank = self.share(s.captions_per_step, "u4g.batch_size / u4g.num_generations (captions)")
         self.policy = DecoderPolicy(self.uae, cfg.decoder, s)
         self.captions: dict[str, str] = {}  # image key → caption (greedy: whole run; sampled: this epoch)
         self.captions_epoch = self.dataset.epoch
@@ -92,7 +92,9 @@ class U4GTrainer(StageTrainer):
         missing = [im for im in dict((im.key, im) for im in images).values() if im.key not in self.captions]
         if missing:
             greedy = cfg.u4g.captions == "greedy"
-            generator = torch.Generator(self.device).manual_seed(stable_seed(cfg.seed, self.step, 7))
+            # (each rank draws its own: sampled captions are not world-size invariant, greedy ones are)
+            ranked = (self.runtime.rank,) if self.runtime.distributed else ()
+            generator = torch.Generator(self.device).manual_seed(stable_seed(cfg.seed, self.step, 7, *ranked))
             texts = self.uae.captioner.caption(
                 [im.pixels for im in missing],
                 max_new_tokens=cfg.max_completion_length,
@@ -126,14 +128,19 @@ class U4GTrainer(StageTrainer):
         cond = self.policy.condition(captions)
         # same_noise: a caption's G renders start from one noise and differ only by the SDE's noise — the part the
         # log-probs credit — instead of mostly by their starting noise, which no gradient can credit.
-        seeds = [stable_seed(cfg.seed, self.step, b, 0 if s.same_noise else k) for b in range(len(captions))
-                 for k in range(g)]  # fmt: skip
-        generator = torch.Generator(self.device).manual_seed(stable_seed(cfg.seed, self.step, 13))
-        pairs, log_probs, unconds, renders, finite = [], [], [], [], []
+        # Global positions (image k of rank r is image k·W + r of the step's batch): noise is a function of the
+        # render's place in the whole batch, so N ranks render what one process renders.
+        where = [k * self.runtime.world_size + self.runtime.rank for k in range(len(captions))]
+        seeds = [stable_seed(cfg.seed, self.step, j, 0 if s.same_noise else k) for j in where for k in range(g)]
+        renders = [j * g + k for j in where for k in range(g)]
+        pairs, log_probs, unconds, renders_out, finite = [], [], [], [], []
         for start in range(0, len(seeds), cfg.decoder.batch_size):
             rows = torch.arange(start, min(start + cfg.decoder.batch_size, len(seeds)))
             x = self.policy.initial_noise([seeds[i] for i in rows])
             chunk_cond = tuple(t[rows // g] for t in cond)
+            # one generator per render for the SDE's ε (drawn in that render's own order of steps)
+            generators = [torch.Generator(self.device).manual_seed(stable_seed(cfg.seed, self.step, 13, renders[i]))
+                          for i in rows.tolist()]  # fmt: skip
             kept, logp, kept_uncond = [], [], []
             for j in range(s.num_steps):
                 velocity, uncond = self.policy.rollout_velocity(x, sigmas[j], chunk_cond)
@@ -141,7 +148,7 @@ class U4GTrainer(StageTrainer):
                     kept_uncond.append(uncond)
                     out = sde_step(
                         velocity, x, sigmas[j], sigmas[j + 1], noise_level=s.noise_level, sde_type=s.sde_type,
-                        generator=generator,
+                        generator=generators,
                     )  # fmt: skip
                     kept.append(torch.stack([x, out.prev_sample], dim=1))
                     logp.append(out.log_prob)
@@ -153,11 +160,11 @@ class U4GTrainer(StageTrainer):
             log_probs.append(torch.stack(logp, dim=1))
             if self.policy.uses_cfg:
                 unconds.append(torch.stack(kept_uncond, dim=1))
-            renders.append(self.policy.decode(torch.where(ok[:, None, None, None], x, 0.0)))
+            renders_out.append(self.policy.decode(torch.where(ok[:, None, None, None], x, 0.0)))
             finite.append(ok)
         uncond = torch.cat(unconds) if unconds else None
         return Trajectories(
-            images, captions, cond, steps, torch.cat(pairs), torch.cat(log_probs), uncond, torch.cat(renders),
+            images, captions, cond, steps, torch.cat(pairs), torch.cat(log_probs), uncond, torch.cat(renders_out),
             torch.cat(finite),
         )  # fmt: skip
 
@@ -174,50 +181,49 @@ class U4GTrainer(StageTrainer):
         )
         batch.rewards = out.with_nan()
         batch.stats = group_advantages(batch.rewards, s.num_generations, s.scale_rewards)
+        if s.scale_rewards == "batch" and self.runtime.distributed:  # the std of the whole batch's rewards
+            everyone = torch.cat([r.to(self.device) for r in self.runtime.gather(batch.rewards.cpu())])
+            rank, n = self.runtime.rank, len(batch.rewards)
+            advantages = group_advantages(everyone, s.num_generations, "batch").advantages[rank * n : (rank + 1) * n]
+            batch.stats = dataclasses.replace(batch.stats, advantages=advantages)
         sign = -1.0 if cfg.negate_advantages else 1.0
         batch.advantages = sign * batch.stats.advantages.clamp(-s.adv_clip_max, s.adv_clip_max)
 
     def update(self, batch: Trajectories) -> dict[str, float]:
         """`num_updates` optimizer steps, each over a part of the captions' renders and every trained step."""
         cfg, s = self.config, self.config.u4g
-        g = s.num_generations
-        sigmas = self.policy.sigmas(s.num_steps)
+        g, world, rank = s.num_generations, self.runtime.world_size, self.runtime.rank
         # A zero advantage contributes only its KL term: leave those renders out when beta is 0.
         use = batch.finite & ((batch.advantages != 0) | (s.beta > 0))
-        captions = torch.arange(len(batch.captions)).tensor_split(s.num_updates)
+        # The parts split the whole batch's captions as one process does (this rank's caption k is caption k·W + r).
+        total = len(batch.captions) * world
+        part_of = torch.empty(total, dtype=torch.long)
+        for p, members in enumerate(torch.arange(total).tensor_split(s.num_updates)):
+            part_of[members] = p
+        mine = part_of[torch.arange(len(batch.captions)) * world + rank]
         metrics: dict[str, list[float]] = {}
         norms = []
-        for part in captions:
-            rows = torch.cat([torch.arange(b * g, (b + 1) * g) for b in part.tolist()])
+        for p in range(s.num_updates):
+            rows = torch.cat([torch.arange(b * g, (b + 1) * g) for b in (mine == p).nonzero()[:, 0].tolist()] or
+                             [torch.zeros(0, dtype=torch.long)])  # fmt: skip
             rows = rows[use[rows]]
-            if not len(rows):
+            (count,) = self.runtime.sum(len(rows))  # the part's renders over all ranks: the loss is their mean
+            if not count:
                 skip_updates(self.scheduler)  # no signal in this part: no update; the schedule still advances
                 continue
-            for start in range(0, len(rows), cfg.decoder.batch_size):
-                mb = rows[start : start + cfg.decoder.batch_size]
-                mb_cond = tuple(t[mb // g] for t in batch.cond)
+            chunks = list(rows.split(cfg.decoder.batch_size))
+            # Engines in lockstep need as many passes on every rank: a rank with fewer repeats one, weighted 0.
+            passes = self.engine.passes(len(chunks))
+            for c in range(passes):
+                real = c < len(chunks)
+                mb = chunks[c] if real else self._filler_rows(batch)
                 for k, j in enumerate(batch.steps):
-                    x, x_next = batch.latents[mb, k, 0], batch.latents[mb, k, 1]
-                    ref = None
-                    if s.beta > 0:
-                        with torch.no_grad(), self.policy.adapters_disabled():
-                            ref = self.policy.velocity(x, sigmas[j], mb_cond)
-                    # Until the first optimizer step the weights are the rollout's: its negative branch is reused.
-                    uncond = batch.uncond[mb, k] if batch.uncond is not None and not norms else None
-                    velocity = self.policy.velocity(x, sigmas[j], mb_cond, uncond)
-                    logp, kl = transition_logprob(
-                        velocity, x, x_next, sigmas[j], sigmas[j + 1], noise_level=s.noise_level,
-                        sde_type=s.sde_type, ref_velocity=ref,
-                    )  # fmt: skip
-                    loss, m = flow_grpo_loss(
-                        logp, batch.log_probs[mb, k], batch.advantages[mb], clip_range=s.clip_range, beta=s.beta, kl=kl
-                    )
-                    if not torch.isfinite(loss):
-                        raise UAEError(f"step {self.step + 1}: the loss is {float(loss)}; lower u4g.learning_rate")
-                    # The part's loss: the mean over its renders and over the trained steps.
-                    self.backward(loss * (len(mb) / (len(rows) * len(batch.steps))))
-                    for key, value in {"loss": loss.detach(), **m}.items():
-                        metrics.setdefault(key, []).append(float(value) * len(mb) / len(rows) / len(batch.steps))
+                    last = c == passes - 1 and k == len(batch.steps) - 1
+                    weight = len(mb) / (count * len(batch.steps)) if real else 0.0
+                    m = self._train_pass(batch, mb, k, j, weight, reuse_uncond=not norms, last=last)
+                    if real:
+                        for key, value in m.items():
+                            metrics.setdefault(key, []).append(value * weight * world)
             norms.append(self.optimizer_step())
         parts = max(len(norms), 1)
         out = {k: sum(v) / parts for k, v in metrics.items()}
@@ -225,15 +231,44 @@ class U4GTrainer(StageTrainer):
         out["update/renders"] = int(use.sum())
         return out
 
+    def _train_pass(self, batch: Trajectories, mb, k: int, j: int, weight: float, *, reuse_uncond: bool, last: bool):
+        """Forward and backward of renders `mb` at trained step j (the k-th), the loss scaled by `weight`."""
+        s = self.config.u4g
+        sigmas = self.policy.sigmas(s.num_steps)
+        x, x_next = batch.latents[mb, k, 0], batch.latents[mb, k, 1]
+        mb_cond = tuple(t[mb // s.num_generations] for t in batch.cond)
+        ref = None
+        if s.beta > 0:
+            with torch.no_grad(), self.policy.adapters_disabled():
+                ref = self.policy.velocity(x, sigmas[j], mb_cond)
+        # Until the first optimizer step the weights are the rollout's: its negative branch is reused.
+        uncond = batch.uncond[mb, k] if batch.uncond is not None and reuse_uncond else None
+        velocity = self.policy.velocity(x, sigmas[j], mb_cond, uncond)
+        logp, kl = transition_logprob(
+            velocity, x, x_next, sigmas[j], sigmas[j + 1], noise_level=s.noise_level, sde_type=s.sde_type,
+            ref_velocity=ref,
+        )  # fmt: skip
+        loss, m = flow_grpo_loss(
+            logp, batch.log_probs[mb, k], batch.advantages[mb], clip_range=s.clip_range, beta=s.beta, kl=kl
+        )
+        if weight and not torch.isfinite(loss):
+            raise UAEError(f"step {self.step + 1}: the loss is {float(loss)}; lower u4g.learning_rate")
+        self.backward(loss * weight if weight else velocity.sum() * 0.0, last=last)
+        return {"loss": float(loss.detach()), **{key: float(value) for key, value in m.items()}}
+
+    def _filler_rows(self, batch: Trajectories) -> torch.Tensor:
+        """Renders for a zero-weighted pass: a finite one (any row when none is)."""
+        finite = batch.finite.nonzero()[:, 0]
+        return finite[:1] if len(finite) else torch.zeros(1, dtype=torch.long)
+
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict[str, float]:
         """Caption → rollout → score → update. Returns the step's metrics."""
-        cfg = self.config
         timer = PhaseTimer(self.device)
-        images = self.dataset.next_batch(cfg.u4g.captions_per_step)
+        images = self.dataset.next_batch(self.captions_per_rank)
         with timer("caption"):
             captions = self.caption(images)
-        with timer("rollout"):
+        with timer("rollout"), self.engine.gathered():
             batch = self.rollout(images, captions)
         with timer("score"):
             self.score(batch)

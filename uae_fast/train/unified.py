@@ -47,14 +47,18 @@ class UnifiedTrainer(StageTrainer):
     def optimizers(self) -> dict:
         return {**self.g4u.optimizers(), **self.u4g.optimizers()}
 
+    def engines(self) -> list:
+        return [self.g4u.engine, self.u4g.engine]
+
     def train_step(self) -> dict[str, float]:
         """One step of the stage the schedule names: its metrics, also as `<stage>/reward`, `/reward_std`, `/kl`."""
         stage = self.stage_at(self.step)
         if stage == "u4g" and self.step > 0 and self.stage_at(self.step - 1) == "g4u":
             self.u4g.forget_captions()  # the captioner just changed: its captions (and maybe conditioning) are stale
-        trainer = self.g4u if stage == "g4u" else self.u4g
+        trainer, other = (self.g4u, self.u4g) if stage == "g4u" else (self.u4g, self.g4u)
         trainer.step = self.step  # seeds and logs follow the run's step count
-        metrics = trainer.train_step()
+        with other.engine.gathered():  # the other stage's model is this stage's frozen environment: whole
+            metrics = trainer.train_step()
         self.step = trainer.step
         per_stage = {f"{stage}/{k}": metrics.get(k, float("nan")) for k in ("reward", "reward_std", "kl")}
         return {**metrics, **per_stage, "stage/u4g": float(stage == "u4g")}
