@@ -59,8 +59,7 @@ class ColdStartTrainer(StageTrainer):
                 "the encoder): set cold_start.train_encoder=false"
             )
         self.setup(config, uae=uae, dataset=dataset, reward=reward)
-        if self.runtime.distributed:  # not yet: its batches and losses are not split over ranks
-            raise ConfigError("stage cold_start runs in one process for now (g4u and pretrain run distributed)")
+        self.images_per_rank = self.share(s.batch_size, "cold_start.batch_size")
         self.backbone = self.reward.backbones.get(s.backbone) or load_backbone(
             s.backbone, config.reward.backbones[s.backbone], device=self.device
         )
@@ -73,6 +72,11 @@ class ColdStartTrainer(StageTrainer):
         self.eval_set: list[TrainImage] | None = None
         updates = config.max_steps if steps is None else steps
         self.pairs = {}
+        if config.distributed.engine == "zero2" and self.runtime.distributed and len(self.adapters()) > 1:
+            raise ConfigError(
+                "distributed.engine=zero2 trains one optimizer per stage; the cold start trains both adapters: use "
+                "ddp or fsdp2, or set cold_start.train_encoder=false"
+            )
         for name, model in self.adapters().items():
             self.build_optimizer([model], learning_rate=s.learning_rate, updates=updates)
             self.pairs[name] = (self.optimizer, self.scheduler)
@@ -104,9 +108,11 @@ class ColdStartTrainer(StageTrainer):
         then does not also move what is captioned (the evaluation's captions stay the same from start to end)."""
         cfg = self.config
         greedy = greedy or cfg.cold_start.captions == "greedy"
-        generator = torch.Generator(self.device).manual_seed(stable_seed(cfg.seed, self.step, 7))
+        # (each rank draws its own: sampled captions are not world-size invariant, greedy ones are)
+        ranked = (self.runtime.rank,) if self.runtime.distributed and not greedy else ()
+        generator = torch.Generator(self.device).manual_seed(stable_seed(cfg.seed, self.step, 7, *ranked))
         adapters = cfg.cold_start.caption_with_adapters
-        with contextlib.nullcontext() if adapters else self.captioner.adapters_disabled():
+        with self.engine.gathered(), contextlib.nullcontext() if adapters else self.captioner.adapters_disabled():
             return self.captioner.caption(
                 [im.pixels for im in images],
                 max_new_tokens=cfg.max_completion_length,
@@ -173,17 +179,25 @@ class ColdStartTrainer(StageTrainer):
         `decoder.batch_size` images. Returns (cos [B], loss)."""
         cfg = self.config
         sign = -1.0 if cfg.negate_advantages else 1.0
-        seeds = [stable_seed(cfg.seed, self.step, b) for b in range(len(images))]
+        # Noise by each image's place in the whole batch (image k of rank r is image k·W + r): N ranks render as one.
+        world, rank = self.runtime.world_size, self.runtime.rank
+        seeds = [stable_seed(cfg.seed, self.step, k * world + rank) for k in range(len(images))]
+        count = len(images) * world
         sims, total = [], 0.0
-        for lo in range(0, len(images), cfg.decoder.batch_size):
-            part = slice(lo, lo + cfg.decoder.batch_size)
+        starts = list(range(0, len(images), cfg.decoder.batch_size))
+        passes = self.engine.passes(len(starts))  # lockstep engines: as many passes on every rank
+        for c in range(passes):
+            part = slice(starts[min(c, len(starts) - 1)], starts[min(c, len(starts) - 1)] + cfg.decoder.batch_size)
             sim = self.similarity(images[part], captions[part], seeds[part])
-            loss = sign * (1.0 - sim).sum() / len(images)
+            if c >= len(starts):  # a zero-weighted repeat
+                self.backward(sim.sum() * 0.0, last=c == passes - 1)
+                continue
+            loss = sign * (1.0 - sim).sum() / count
             if not torch.isfinite(loss):
                 raise UAEError(f"step {self.step + 1}: the loss is {float(loss)}; lower cold_start.learning_rate")
-            self.backward(loss)
+            self.backward(loss, last=c == passes - 1)
             sims.append(sim.detach())
-            total += float(loss.detach())
+            total += float(loss.detach()) * world  # this rank's share, at the scale of the whole batch's loss
         return torch.cat(sims), total
 
     # ------------------------------------------------------------------ one step
@@ -195,7 +209,7 @@ class ColdStartTrainer(StageTrainer):
         if self.step == 0 and s.eval_images:
             with timer("eval"):
                 evals = self.evaluate()
-        images = self.dataset.next_batch(s.batch_size)
+        images = self.dataset.next_batch(self.images_per_rank)
         with timer("caption"):
             captions = self.caption(images)
         with timer("reconstruct"):  # forward and backward
