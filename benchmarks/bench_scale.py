@@ -12,7 +12,7 @@ OMP_NUM_THREADS=1; for one process a second row with OMP_NUM_THREADS=2 uses both
 Stages: `g4u` (stage 2a: batch_size=16 completions = 4 images x num_generations=4, decoder.batch_size=4) and
 `pretrain` (stage 1: pretrain.batch_size=8 pairs, pretrain.eval_images=0).
 
-    python benchmarks/bench_scale.py                                   # both stages, 3 engines: ~5 min on 2 cores
+    python benchmarks/bench_scale.py                                   # both stages, 3 engines: ~3 min on 2 cores
     python benchmarks/bench_scale.py --stages pretrain --engines ddp --steps 12
 """
 
