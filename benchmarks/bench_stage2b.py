@@ -170,10 +170,11 @@ class FlowGRPOPeer:
         n = len(cond[0])
         sigmas = self.uae.decoder.sigmas(s.num_steps)
         seeds = [stable_seed(cfg.seed, self.step, i // g, i % g) for i in range(n)]  # ours' noise seeds
-        generator = torch.Generator().manual_seed(stable_seed(cfg.seed, self.step, 13))
         latents, log_probs, renders = [], [], []
         for start in range(0, n, cfg.decoder.batch_size):
             rows = torch.arange(start, min(start + cfg.decoder.batch_size, n))
+            # ours' SDE noise: one generator per render (what lets a distributed run draw as one process does)
+            generator = [torch.Generator().manual_seed(stable_seed(cfg.seed, self.step, 13, i)) for i in rows.tolist()]
             x = self.uae.decoder.initial_noise([seeds[i] for i in rows], cfg.decoder.size, cfg.decoder.size).float()
             inputs = self._cfg_inputs(cond, rows)
             kept, logp = [x], []
