@@ -118,17 +118,26 @@ G4U_LR, PRETRAIN_LR = 2e-3, 3e-3  # the shipped tiny configs' learning rates
 def one_process(tmp_path_factory):
     """One-process runs, made once: stage 2a for 3 steps (a checkpoint each), stage 1 for 4 (checkpoints at 2, 4),
     stage 2b for 1, the unified schedule for 2 (a 2a step, then a 2b step), the cold start for 1."""
-    runs = {}
-    for name, args in (("g4u", [*G4U, "max_steps=3", "save_steps=1", "save_total_limit=3"]),
-                       ("pretrain", [*PRETRAIN, "max_steps=4", "save_steps=2"]),
-                       ("u4g", [*U4G, "max_steps=1"]), ("unified", [*UNIFIED, "max_steps=2"]),
-                       ("cold_start", [*COLD_START, "max_steps=1"])):  # fmt: skip
-        out = tmp_path_factory.mktemp("one") / name
-        command = launch_command(out, args, 1)
-        done = subprocess.run(command, env=launch_env(), capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-4000:]
-        runs[name] = out
-    return runs
+    runs = {
+        "g4u": [*G4U, "max_steps=3", "save_steps=1", "save_total_limit=3"],
+        "pretrain": [*PRETRAIN, "max_steps=4", "save_steps=2"],
+        "u4g": [*U4G, "max_steps=1"],
+        "unified": [*UNIFIED, "max_steps=2"],
+        "cold_start": [*COLD_START, "max_steps=1"],
+    }
+    root = tmp_path_factory.mktemp("one")
+    # One thread each: started together, they share the cores instead of waiting for each other's start-up.
+    jobs = {
+        name: subprocess.Popen(
+            launch_command(root / name, args, 1), env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name, args in runs.items()
+    }  # fmt: skip
+    for name, job in jobs.items():
+        output, _ = job.communicate(timeout=600)
+        assert job.returncode == 0, f"{name}: {output[-4000:]}"
+    return {name: root / name for name in runs}
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2"])  # zero2: test_g4u_resumes_on_two_processes_from_one
@@ -222,7 +231,7 @@ def test_a_killed_rank_stops_the_job_and_resume_finishes_it(tmp_path, launch):
     assert job.returncode != 0 and time.time() - killed_at < 60
     # torchrun's summary names the dead rank and how it died.
     assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s*\n\s*exitcode\s*:\s*-9", output), output[-3000:]
-    done = launch(out, [*PRETRAIN, "max_steps=6", "save_steps=2", "resume=auto"])
+    done = launch(out, [*PRETRAIN, "max_steps=6", "save_steps=2", "resume=auto"], processes=1)  # on 1 of the 2
     assert (out / "checkpoint-6").is_dir(), done.stdout[-2000:]
 
 
