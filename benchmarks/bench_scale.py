@@ -108,7 +108,10 @@ def run_one(stage: str, steps: int, warmup: int, processes: int, engine: str | N
     print(f"[bench_scale] OMP_NUM_THREADS={threads} {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     start = time.perf_counter()
     try:
-        done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+        # run from the work folder: from the repo root `-m uae_fast.cli` would import the source tree, not the install
+        done = subprocess.run(
+            cmd, env=env, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900
+        )
     except subprocess.TimeoutExpired:
         return "timed out after 900 s"
     print(f"[bench_scale]   exit {done.returncode} after {time.perf_counter() - start:.0f} s", file=sys.stderr)
