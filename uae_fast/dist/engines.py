@@ -75,8 +75,12 @@ class Engine:
         if not self.runtime.distributed:
             return
         params = [p for p in self.params if not _is_dtensor(p)]
+        # A parameter no rank gave a gradient keeps none (the optimizer skips it, as in one process); one that only
+        # some ranks touched takes part with zeros elsewhere.
+        touched = self.runtime.sum(*[float(p.grad is not None) for p in params]) if params else []
+        params = [p for p, t in zip(params, touched) if t > 0]
         for p in params:
-            if p.grad is None:  # untouched on this rank (e.g. a zero-weighted pass): it still takes part
+            if p.grad is None:
                 p.grad = torch.zeros_like(p)
         if not params:
             return
@@ -235,8 +239,8 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, runtime: R
 
 
 def make_engine(settings, runtime: Runtime) -> Engine:
-    """The engine `settings.engine` names, for this process."""
-    if settings.engine == "ddp":
+    """The engine `settings.engine` names, for this process (one process trains plainly, whatever it names)."""
+    if settings.engine == "ddp" or (settings.engine in ENGINES and not runtime.distributed):
         return Engine(runtime, settings)
     if settings.engine == "fsdp2":
         return FSDP2Engine(runtime, settings)
