@@ -116,7 +116,8 @@ def test_memory_is_flat_in_the_sampler_steps_with_checkpointing_and_grows_withou
             def step():
                 (1 - trainer.similarity(images, CAPTIONS, [3, 4], checkpointed=checkpointed)).sum().backward()
 
-            peak[checkpointed, steps] = _memory(step)[0]
+            # the larger of two profiles: once in a long suite run a profile came back short of allocation events
+            peak[checkpointed, steps] = max(_memory(step)[0] for _ in range(2))
             for p in trainer.trainable_parameters():
                 p.grad = None
             cond = trainer.condition(CAPTIONS)
