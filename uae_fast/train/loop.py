@@ -5,6 +5,10 @@ the config, model, device, reward and images; :meth:`build_optimizer` the optimi
 (:meth:`train_step`), which adapters it trains (:meth:`adapters`, saved in the released layout, and
 :meth:`optimizers`, their optimizers) and, for the run's report, :meth:`report_columns`; :meth:`finish` writes the
 final model and the report.
+
+Under a launcher every rank runs the same loop (:mod:`uae_fast.dist`): :meth:`share` splits the global batch, the
+stage's losses go through :meth:`backward` and :meth:`optimizer_step` (the run's engine reduces the gradients), and
+saving gathers whole tensors on every rank for rank 0 to write.
 """
 
 from __future__ import annotations
