@@ -4,31 +4,16 @@ rows (checkpointing on and off), ratio rules and shapes. Small sizes; never asse
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    sys.path.insert(0, str(BENCH))  # the benchmarks import their `utils` helper module
-    try:
-        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
-
 
 @pytest.fixture(scope="module")
-def grpo():
-    return _load("bench_grpo_loss")
+def grpo(benchmark_module):
+    with benchmark_module("bench_grpo_loss") as module:
+        return module
 
 
 def test_bare_gemms_every_candidate_computes_the_same_gradients(grpo):
@@ -55,23 +40,26 @@ def test_bare_search_takes_the_fastest_and_names_it(grpo):
     assert label.startswith("bare GEMMs (chunk ") and best[2] in label
 
 
-def test_packing_table_times_both_sides_and_names_the_peer(capsys):
-    _load("bench_packing").main(["--repeats", "1"])
+def test_packing_table_times_both_sides_and_names_the_peer(capsys, benchmark_module):
+    with benchmark_module("bench_packing") as bench:
+        bench.main(["--repeats", "1"])
     out = capsys.readouterr().out
     assert "pure-Python FFD" in out and "| peer |" in out and "median of 1 (both sides)" in out
 
 
 @pytest.mark.slow
-def test_reward_table_names_the_peer(capsys):
-    _load("bench_reward").main(["--quick", "--kinds", "tiny", "--generations", "2", "--batch", "2"])
+def test_reward_table_names_the_peer(capsys, benchmark_module):
+    with benchmark_module("bench_reward") as bench:
+        bench.main(["--quick", "--kinds", "tiny", "--generations", "2", "--batch", "2"])
     out = capsys.readouterr().out
     assert "what it does" in out and "per-pair: each (source, reconstruction) pair" in out
     assert "1 warm-up call" in out
 
 
 @pytest.fixture(scope="module")
-def s2a():
-    return _load("bench_stage2a")
+def s2a(benchmark_module):
+    with benchmark_module("bench_stage2a") as module:
+        return module
 
 
 def _summary(step, peak):
@@ -100,9 +88,9 @@ def test_stage2a_trl_rows_set_gradient_checkpointing(s2a, tmp_path):
     assert {"trl", "trl-nockpt", "ours"} <= set(s2a.RUNNERS) and set(s2a.PEERS) == {"trl", "trl-nockpt"}
 
 
-def test_stage2a_setup_qwen3b_widths():
-    setup = _load("stage2a_setup")
-    widths = setup.SHAPES["qwen3b"]
+def test_stage2a_setup_qwen3b_widths(benchmark_module):
+    with benchmark_module("stage2a_setup") as setup:
+        widths = setup.SHAPES["qwen3b"]
     assert widths == {
         "hidden_size": 2048,
         "num_attention_heads": 16,
