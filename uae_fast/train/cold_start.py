@@ -179,9 +179,9 @@ class ColdStartTrainer(StageTrainer):
         `decoder.batch_size` images. Returns (cos [B], loss)."""
         cfg = self.config
         sign = -1.0 if cfg.negate_advantages else 1.0
-        # Noise by each image's place in the whole batch (image k of rank r is image k·W + r): N ranks render as one.
-        world, rank = self.runtime.world_size, self.runtime.rank
-        seeds = [stable_seed(cfg.seed, self.step, k * world + rank) for k in range(len(images))]
+        # Noise by each image's place in the whole batch: N ranks render as one.
+        world = self.runtime.world_size
+        seeds = [stable_seed(cfg.seed, self.step, j) for j in self.batch_index(len(images))]
         count = len(images) * world
         sims, total = [], 0.0
         starts = list(range(0, len(images), cfg.decoder.batch_size))

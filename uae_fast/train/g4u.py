@@ -10,7 +10,6 @@ policy is the base model with its adapters disabled; in `llm` conditioning the d
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import statistics
 import zlib
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UAEError
-from ..rl.grpo import GroupAdvantages, PackedCompletions, completion_logprobs, group_advantages, grpo_loss
+from ..rl.grpo import GroupAdvantages, PackedCompletions, completion_logprobs, grpo_loss
 from ..rl.rollout_buffer import RolloutBuffer
 from .config import TrainConfig
 from .data import ImageDataset, TrainImage
@@ -73,12 +72,6 @@ class G4UTrainer(StageTrainer):
         return {"llm_lora": self.policy.peft_model}
 
     # ------------------------------------------------------------------ phases
-    def batch_index(self, count: int) -> list[int]:
-        """Where this rank's `count` images sit in the step's whole batch (the data stream interleaves the ranks:
-        image k of rank r is image k·W + r of the batch one process would draw)."""
-        world, rank = self.runtime.world_size, self.runtime.rank
-        return [k * world + rank for k in range(count)]
-
     @torch.no_grad()
     def rollout(self, images: list[TrainImage], chunk: int = 0) -> RolloutBatch:
         """Encode each image once and sample G captions per image (what one process would sample for them)."""
@@ -135,12 +128,7 @@ class G4UTrainer(StageTrainer):
             num_generations=cfg.num_generations,
         )
         batch.rewards = out.with_nan()
-        batch.stats = group_advantages(batch.rewards, cfg.num_generations, cfg.loss.scale_rewards)
-        if cfg.loss.scale_rewards == "batch" and self.runtime.distributed:  # the std of the whole batch's rewards
-            everyone = torch.cat([r.to(self.device) for r in self.runtime.gather(batch.rewards.cpu())])
-            stats = group_advantages(everyone, cfg.num_generations, "batch")
-            rank, n = self.runtime.rank, len(batch.rewards)
-            batch.stats = dataclasses.replace(batch.stats, advantages=stats.advantages[rank * n : (rank + 1) * n])
+        batch.stats = self.group_advantages(batch.rewards, cfg.num_generations, cfg.loss.scale_rewards)
         sign = -1.0 if cfg.negate_advantages else 1.0
         batch.advantages = sign * batch.stats.advantages
 

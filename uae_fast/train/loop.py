@@ -14,6 +14,7 @@ saving gathers whole tensors on every rank for rank 0 to write.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -127,6 +128,25 @@ class StageTrainer:
         if count % world:
             raise ConfigError(f"{what} = {count} does not split over {world} processes: make it a multiple of {world}")
         return count // world
+
+    def batch_index(self, count: int) -> list[int]:
+        """Where this rank's `count` items (images, pairs, captions) sit in the step's whole batch: the data stream
+        interleaves the ranks, so item k of rank r is item k·W + r of the batch one process would draw."""
+        world, rank = self.runtime.world_size, self.runtime.rank
+        return [k * world + rank for k in range(count)]
+
+    def group_advantages(self, rewards: torch.Tensor, num_generations: int, scale_rewards: str):
+        """:func:`uae_fast.rl.grpo.group_advantages` of this rank's groups; with `scale_rewards="batch"` the scale is
+        the std of the whole batch's rewards (every rank's), as one process would take it."""
+        from ..rl.grpo import group_advantages
+
+        stats = group_advantages(rewards, num_generations, scale_rewards)
+        if scale_rewards != "batch" or not self.runtime.distributed:
+            return stats
+        everyone = torch.cat([r.to(rewards.device) for r in self.runtime.gather(rewards.cpu())])
+        rank, n = self.runtime.rank, len(rewards)
+        whole = group_advantages(everyone, num_generations, "batch").advantages[rank * n : (rank + 1) * n]
+        return dataclasses.replace(stats, advantages=whole)
 
     def build_optimizer(self, modules: list[torch.nn.Module], *, learning_rate: float, updates: int) -> None:
         """Place `modules` (those holding the trained parameters) on the ranks with the run's engine, then AdamW

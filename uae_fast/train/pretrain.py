@@ -176,9 +176,8 @@ class PretrainTrainer(StageTrainer):
         with timer("data"):
             pairs = self.next_pairs(self.pairs_per_rank)
         # Noise is drawn for the whole batch (every rank's pairs) and each rank takes its pairs' part: N processes
-        # train on what one process would (the data stream interleaves the ranks: pair k here is pair k·W + r).
-        world, rank = self.runtime.world_size, self.runtime.rank
-        total, mine = self.pairs_per_rank * world, [k * world + rank for k in range(len(pairs))]
+        # train on what one process would.
+        total, mine = self.pairs_per_rank * self.runtime.world_size, self.batch_index(len(pairs))
         with timer("encode"):
             latents = self.latents(pairs, side, generator, share=(total, mine))
         sigmas = self.sigmas(total, generator)[mine]

@@ -137,7 +137,7 @@ def restore_optimizers(folder: Path, optimizers: dict, state: dict, tensors: dic
 
 def restore_rng(tensors: dict[str, torch.Tensor], rank: int = 0) -> None:
     """This rank's CPU RNG state (rank 0's when the checkpoint had fewer ranks) and the CUDA ones."""
-    torch.set_rng_state(tensors.get(f"rng.cpu.rank{rank}", tensors["rng.cpu"]) if rank else tensors["rng.cpu"])
+    torch.set_rng_state(tensors.get(f"rng.cpu.rank{rank}", tensors["rng.cpu"]))  # rank 0's is "rng.cpu"
     cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)

@@ -10,7 +10,6 @@ keeping each trained step's transition and log-probability (`rollout`) → rewar
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -19,7 +18,7 @@ import torch
 from ..errors import UAEError
 from ..models.decoder import ode_step
 from ..rl.flow_grpo import flow_grpo_loss, sde_step, transition_logprob
-from ..rl.grpo import GroupAdvantages, group_advantages
+from ..rl.grpo import GroupAdvantages
 from .config import TrainConfig
 from .data import ImageDataset, TrainImage
 from .decoder_policy import DecoderPolicy
@@ -128,9 +127,8 @@ class U4GTrainer(StageTrainer):
         cond = self.policy.condition(captions)
         # same_noise: a caption's G renders start from one noise and differ only by the SDE's noise — the part the
         # log-probs credit — instead of mostly by their starting noise, which no gradient can credit.
-        # Global positions (image k of rank r is image k·W + r of the step's batch): noise is a function of the
-        # render's place in the whole batch, so N ranks render what one process renders.
-        where = [k * self.runtime.world_size + self.runtime.rank for k in range(len(captions))]
+        # Noise is a function of the render's place in the whole batch, so N ranks render what one process renders.
+        where = self.batch_index(len(captions))
         seeds = [stable_seed(cfg.seed, self.step, j, 0 if s.same_noise else k) for j in where for k in range(g)]
         renders = [j * g + k for j in where for k in range(g)]
         pairs, log_probs, unconds, renders_out, finite = [], [], [], [], []
@@ -180,32 +178,27 @@ class U4GTrainer(StageTrainer):
             failed=~batch.finite,
         )
         batch.rewards = out.with_nan()
-        batch.stats = group_advantages(batch.rewards, s.num_generations, s.scale_rewards)
-        if s.scale_rewards == "batch" and self.runtime.distributed:  # the std of the whole batch's rewards
-            everyone = torch.cat([r.to(self.device) for r in self.runtime.gather(batch.rewards.cpu())])
-            rank, n = self.runtime.rank, len(batch.rewards)
-            advantages = group_advantages(everyone, s.num_generations, "batch").advantages[rank * n : (rank + 1) * n]
-            batch.stats = dataclasses.replace(batch.stats, advantages=advantages)
+        batch.stats = self.group_advantages(batch.rewards, s.num_generations, s.scale_rewards)
         sign = -1.0 if cfg.negate_advantages else 1.0
         batch.advantages = sign * batch.stats.advantages.clamp(-s.adv_clip_max, s.adv_clip_max)
 
     def update(self, batch: Trajectories) -> dict[str, float]:
         """`num_updates` optimizer steps, each over a part of the captions' renders and every trained step."""
         cfg, s = self.config, self.config.u4g
-        g, world, rank = s.num_generations, self.runtime.world_size, self.runtime.rank
+        g, world = s.num_generations, self.runtime.world_size
         # A zero advantage contributes only its KL term: leave those renders out when beta is 0.
         use = batch.finite & ((batch.advantages != 0) | (s.beta > 0))
-        # The parts split the whole batch's captions as one process does (this rank's caption k is caption k·W + r).
+        sigmas = self.policy.sigmas(s.num_steps)
+        # The parts split the whole batch's captions as one process does.
         total = len(batch.captions) * world
         part_of = torch.empty(total, dtype=torch.long)
         for p, members in enumerate(torch.arange(total).tensor_split(s.num_updates)):
             part_of[members] = p
-        mine = part_of[torch.arange(len(batch.captions)) * world + rank]
+        mine = part_of[self.batch_index(len(batch.captions))]
         metrics: dict[str, list[float]] = {}
         norms = []
         for p in range(s.num_updates):
-            rows = torch.cat([torch.arange(b * g, (b + 1) * g) for b in (mine == p).nonzero()[:, 0].tolist()] or
-                             [torch.zeros(0, dtype=torch.long)])  # fmt: skip
+            rows = ((mine == p).nonzero() * g + torch.arange(g)).flatten()  # the renders of this part's captions
             rows = rows[use[rows]]
             (count,) = self.runtime.sum(len(rows))  # the part's renders over all ranks: the loss is their mean
             if not count:
@@ -220,7 +213,7 @@ class U4GTrainer(StageTrainer):
                 for k, j in enumerate(batch.steps):
                     last = c == passes - 1 and k == len(batch.steps) - 1
                     weight = len(mb) / (count * len(batch.steps)) if real else 0.0
-                    m = self._train_pass(batch, mb, k, j, weight, reuse_uncond=not norms, last=last)
+                    m = self._train_pass(batch, sigmas, mb, k, j, weight, reuse_uncond=not norms, last=last)
                     if real:
                         for key, value in m.items():
                             metrics.setdefault(key, []).append(value * weight * world)
@@ -231,10 +224,10 @@ class U4GTrainer(StageTrainer):
         out["update/renders"] = int(use.sum())
         return out
 
-    def _train_pass(self, batch: Trajectories, mb, k: int, j: int, weight: float, *, reuse_uncond: bool, last: bool):
-        """Forward and backward of renders `mb` at trained step j (the k-th), the loss scaled by `weight`."""
+    def _train_pass(self, batch: Trajectories, sigmas, mb, k: int, j: int, weight: float, *, reuse_uncond, last):
+        """Forward and backward of renders `mb` at trained step j (the k-th; `sigmas`: the schedule), the loss
+        scaled by `weight`; `last`: the update's final pass."""
         s = self.config.u4g
-        sigmas = self.policy.sigmas(s.num_steps)
         x, x_next = batch.latents[mb, k, 0], batch.latents[mb, k, 1]
         mb_cond = tuple(t[mb // s.num_generations] for t in batch.cond)
         ref = None
