@@ -12,7 +12,8 @@ paired z of that gain (`eval/caption_gain_z`) is within ±`--max-start-z` at ste
 
 Usage: `python scripts/seed_table.py --config g4u_tiny --seeds 5000-5009 [--metric reward] [--steps N] [key=value ...]`
 A metric logged on some steps only (the unified schedule's `g4u/reward`, `u4g/reward`) is measured over the steps
-that log it: `--config unified_tiny --metric u4g/reward --std-metric u4g/reward_std --min-gain 0 --min-gap 5`.
+that log it; several metrics are judged on the same pair of runs, each with its own thresholds, and a seed passes when
+all do: `--config unified_tiny --metric g4u/reward,u4g/reward --min-gain 1.5,0 --min-gap 3,5`.
 """
 
 from __future__ import annotations
@@ -70,12 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="g4u_tiny", help="shipped config name or YAML path")
     parser.add_argument("--seeds", default="5000-5009", help="e.g. 5000-5009 or 0,3,7")
-    parser.add_argument("--metric", default="reward", help="metric key whose rise is measured")
-    parser.add_argument("--std-metric", default=None, help="σ₀'s metric key (default: <metric>_std)")
+    parser.add_argument("--metric", default="reward", help="metric key whose rise is measured (several: a,b)")
+    parser.add_argument("--std-metric", default=None, help="σ₀'s metric key(s) (default: <metric>_std)")
     parser.add_argument("--steps", type=int, default=None, help="max_steps (default: the config's)")
     parser.add_argument("--window", type=int, default=5, help="steps averaged at each end")
-    parser.add_argument("--min-gain", type=float, default=1.5, help="pass needs Δ(+) ≥ this x σ₀ (and Δ(+) > 0)")
-    parser.add_argument("--min-gap", type=float, default=3.0, help="pass needs Δ(+) − Δ(−) ≥ this x σ₀")
+    parser.add_argument("--min-gain", default="1.5", help="pass needs Δ(+) ≥ this x σ₀ (and Δ(+) > 0); per metric: a,b")
+    parser.add_argument("--min-gap", default="3.0", help="pass needs Δ(+) − Δ(−) ≥ this x σ₀; per metric: a,b")
     parser.add_argument(
         "--criterion", choices=("control", "conditioning"), default="control",
         help="control: as-is vs negated advantages (RL stages); conditioning: stage 1's own-vs-shuffled captions",
@@ -91,28 +92,47 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     _quiet()
-    std_metric = args.std_metric or f"{args.metric}_std"
     overrides = [*([f"max_steps={args.steps}"] if args.steps else []), *args.overrides]
     seeds = parse_seeds(args.seeds)
     if args.criterion == "conditioning":
         return conditioning_table(args, seeds, overrides)
-    lines = ["| seed | Δ(+)/σ₀ | (Δ(+)−Δ(−))/σ₀ | pass |", "|---|---|---|---|"]
+    metrics = args.metric.split(",")
+    std_metrics = args.std_metric.split(",") if args.std_metric else [f"{m}_std" for m in metrics]
+    gains, gaps = _per_metric(args.min_gain, metrics, "--min-gain"), _per_metric(args.min_gap, metrics, "--min-gap")
+    if len(std_metrics) != len(metrics):
+        parser.error(f"--std-metric needs one key per --metric ({len(metrics)}), got {args.std_metric}")
+    header = "".join(f" {m} Δ(+)/σ₀ | {m} (Δ(+)−Δ(−))/σ₀ |" for m in metrics) if len(metrics) > 1 else (
+        " Δ(+)/σ₀ | (Δ(+)−Δ(−))/σ₀ |")  # fmt: skip
+    lines = [f"| seed |{header} pass |", "|---|" + "---|" * (2 * len(metrics) + 1)]
     passed = 0
     for seed in seeds:
         started = time.perf_counter()
         plus = run(args.config, seed, False, overrides)
         minus = run(args.config, seed, True, overrides)
-        sigma0 = first(plus, std_metric)
-        gain = delta(plus, args.metric, args.window) / sigma0
-        gap = gain - delta(minus, args.metric, args.window) / sigma0
-        ok = gain > 0 and gain >= args.min_gain and gap >= args.min_gap
+        cells, ok = [], True
+        for metric, std_metric, min_gain, min_gap in zip(metrics, std_metrics, gains, gaps):
+            sigma0 = first(plus, std_metric)
+            gain = delta(plus, metric, args.window) / sigma0
+            gap = gain - delta(minus, metric, args.window) / sigma0
+            ok = ok and gain > 0 and gain >= min_gain and gap >= min_gap
+            cells += [f"{gain:.2f}", f"{gap:.2f}"]
         passed += ok
-        lines.append(f"| {seed} | {gain:.2f} | {gap:.2f} | {'✓' if ok else '✗'} |")
+        lines.append(f"| {seed} | {' | '.join(cells)} | {'✓' if ok else '✗'} |")
         seconds = time.perf_counter() - started
-        print(f"seed {seed}: Δ(+) {gain:.2f}σ₀, gap {gap:.2f}σ₀ ({seconds:.0f} s)", file=sys.stderr)
+        print(f"seed {seed}: Δ(+), gap in σ₀: {' / '.join(cells)} ({seconds:.0f} s)", file=sys.stderr)
     print("\n".join(lines))
     print(f"\n{passed} of {len(seeds)}")
     return 0
+
+
+def _per_metric(text: str, metrics: list[str], flag: str) -> list[float]:
+    """One threshold for every metric, or one per metric (`1.5,0`)."""
+    values = [float(v) for v in str(text).split(",")]
+    if len(values) == 1:
+        return values * len(metrics)
+    if len(values) != len(metrics):
+        raise SystemExit(f"{flag} needs one value or one per --metric ({len(metrics)}), got {text}")
+    return values
 
 
 def conditioning_table(args, seeds: list[int], overrides: list[str]) -> int:

@@ -113,7 +113,7 @@ def assert_same_training(a: dict, b: dict, *, lr: float, steps: int, moment_rtol
         assert close >= 0.999 * total, (name, total - close, total)
 
 
-G4U_LR, PRETRAIN_LR = 2e-3, 3e-3  # the shipped tiny configs' learning rates
+G4U_LR, PRETRAIN_LR, U4G_LR = 2e-3, 3e-3, 0.1  # the shipped tiny configs' learning rates
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,7 @@ def test_stage_2b_the_unified_schedule_and_the_cold_start_on_two_processes_train
             f"distributed.engine={engine}"]  # fmt: skip
     launch(tmp_path / "run", args)
     a, b = checkpoint_tensors(one_process[stage], steps), checkpoint_tensors(tmp_path / "run")
-    assert_same_training(a, b, lr=1e-2 if stage == "cold_start" else 2e-3, steps=steps)
+    assert_same_training(a, b, lr={"u4g": U4G_LR, "unified": G4U_LR, "cold_start": 1e-2}[stage], steps=steps)
 
 
 @pytest.mark.parametrize("engine, launcher", [("ddp", "torchrun"), ("zero2", "deepspeed")])

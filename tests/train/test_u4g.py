@@ -16,10 +16,14 @@ from uae_fast.rl.flow_grpo import transition_logprob
 from uae_fast.train import U4GTrainer, UnifiedTrainer, load_train_config
 
 FAST = ["report_images=0", "save_final_model=false", "tensorboard=false"]
+# u4g_tiny trains one SDE step from a shared start (its learning recipe); these tests check the library's defaults:
+# every step stochastic and trained, different noise per render.
+LIBRARY_SAMPLING = ["u4g.sde_window_size=0", "u4g.sde_window_range=null", "u4g.same_noise=false"]
 
 
 def make(tmp_path, *overrides, uae=None):
-    base = [f"output_dir={tmp_path}", "u4g.batch_size=8", "u4g.num_generations=4", "u4g.num_steps=3", "max_steps=2"]
+    base = [f"output_dir={tmp_path}", "u4g.batch_size=8", "u4g.num_generations=4", "u4g.num_steps=3", "max_steps=2",
+            *LIBRARY_SAMPLING]  # fmt: skip
     return U4GTrainer(load_train_config("u4g_tiny", [*base, *FAST, *overrides]), uae=uae)
 
 

@@ -5,11 +5,9 @@ within-group reward std at step 1, Δ = mean reward of the last 5 steps − the 
 Δ(+) − Δ(−) ≥ 5σ₀. A rising reward alone proves nothing: on the tiny random models any change of the DiT's velocity
 tends to lift the (negative) cosine reward towards 0, for the negated run too.
 
-Seeds: tuning used seeds 0–9 and 1000–1019 only; evaluations on fresh seeds are in the README. The CI seeds 8900 and
-8901 were fixed before they were first run and never tuned on.
-
-Known failure: no setting tried of the config's levers (lr, noise level, SDE window, LoRA targets/rank, batch,
-render size) made stage 2b pass on the tiny preset; the test is a strict xfail until one does (then drop the mark).
+Seeds: tuning used seeds 0–9 and 1000–1019 only; evaluations on fresh seeds are in the README (the shipped config
+passes 2 of 10, its gap positive on all ten). The CI seeds 8950 and 8951 were fixed before they were first run and
+never tuned on: 8951 passes; 8950 fails (gap −4.8σ₀), a strict xfail that turns red when stage 2b starts to pass it.
 """
 
 from __future__ import annotations
@@ -17,11 +15,11 @@ from __future__ import annotations
 import pytest
 
 STEPS = 30
+MISSES = pytest.mark.xfail(strict=True, reason="the shipped config passes 2 of 10 fresh seeds (README)")
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="stage 2b does not yet learn on the tiny preset (README 'Does stage 2b learn?')")
-@pytest.mark.parametrize("seed", [8900, 8901])
+@pytest.mark.parametrize("seed", [pytest.param(8950, marks=MISSES), 8951])
 def test_decoder_reward_rises_with_advantages_and_not_against_them(tmp_path, seed, control_pair):
     gain, control = control_pair("u4g_tiny", tmp_path, seed, [f"max_steps={STEPS}"])
     assert gain > 0, f"Δ(+) = {gain:.2f}σ₀ <= 0"
