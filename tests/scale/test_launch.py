@@ -174,7 +174,11 @@ def test_stage_2b_the_unified_schedule_and_the_cold_start_on_two_processes_train
             f"distributed.engine={engine}"]  # fmt: skip
     launch(tmp_path / "run", args)
     a, b = checkpoint_tensors(one_process[stage], steps), checkpoint_tensors(tmp_path / "run")
-    assert_same_training(a, b, lr={"u4g": U4G_LR, "unified": G4U_LR, "cold_start": 1e-2}[stage], steps=steps)
+    # unified: the 2b step renders with the captioner the 2a step trained, which differs by rounding between 1 and 2
+    # processes; its advantages divide by a caption's tiny reward spread (same_noise: one SDE step apart), which
+    # scales that rounding up to ~1e-4 of Adam's moments (measured 1.3e-4).
+    lr, rtol = {"u4g": (U4G_LR, 1e-4), "unified": (U4G_LR, 1e-3), "cold_start": (1e-2, 1e-4)}[stage]
+    assert_same_training(a, b, lr=lr, steps=steps, moment_rtol=rtol)
 
 
 @pytest.mark.parametrize("engine, launcher", [("ddp", "torchrun"), ("zero2", "deepspeed")])
