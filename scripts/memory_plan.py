@@ -37,7 +37,6 @@ import torch
 
 GIB = 2**30
 ENGINES = ("ddp", "zero2", "zero3", "fsdp2")
-IMPLEMENTED = ("ddp", "zero2", "fsdp2")  # distributed.engine values today; ZeRO-3 is planned
 STAGES = ("g4u", "u4g", "unified", "pretrain", "cold_start")
 WEIGHT_B, GRAD_B, OPTIM_B, FROZEN_B, ACT_B = 2, 4, 12, 2, 2  # bytes per parameter / activation value (see docstring)
 
@@ -224,9 +223,9 @@ def plan_row(stage: str, engine: str, args) -> dict[str, float]:
         "grads": trained * GRAD_B / (1 if engine == "ddp" else n),
         "optimizer": trained * OPTIM_B / (1 if engine == "ddp" else n),
         "activations": activations(stage, args),
-        # fsdp2 (uae_fast.dist.engines.FSDP2Engine.gathered) unshards the wrapped models whole for rollouts and the
-        # no-grad reference/old passes, so that ranks need not sample in lockstep; stage 1 has no rollouts.
-        "rollout_gather": (base * (1 - 1 / n) - gather) * FROZEN_B if engine == "fsdp2" and stage != "pretrain" else 0,
+        # fsdp2 and zero3 (the engines' `gathered`) unshard the wrapped models whole for rollouts and the no-grad
+        # reference/old passes, so that ranks need not sample in lockstep; stage 1 has no rollouts.
+        "rollout_gather": (base * (1 - 1 / n) - gather) * FROZEN_B if sharded and stage != "pretrain" else 0,
     }
     row = {k: v / GIB for k, v in row.items()}
     row["overhead"] = args.overhead
@@ -246,8 +245,7 @@ def table(args) -> str:
             r = plan_row(stage, engine, args)
             keys = ("trained", "frozen", "grads", "optimizer", "activations", "rollout_gather", "overhead", "total")
             fits = "yes" if r["total"] <= args.gpu_memory else "**no**"
-            name = f"{engine} (planned)" if engine not in IMPLEMENTED else engine
-            lines.append(f"| {stage} | {name} | " + " | ".join(f"{r[k]:.2f}" for k in keys) + f" | {fits} |")
+            lines.append(f"| {stage} | {engine} | " + " | ".join(f"{r[k]:.2f}" for k in keys) + f" | {fits} |")
     return "\n".join(lines)
 
 

@@ -1,8 +1,9 @@
-"""Stage 2a and stage 1 under `torchrun --nproc_per_node=2` (gloo on this CPU) with each engine train exactly as one
-process on the same global batch; checkpoints move between world sizes; a dead or hung rank stops the job."""
+"""Every stage under `torchrun --nproc_per_node=2` (gloo on this CPU) with each engine trains exactly as one process
+on the same global batch; checkpoints move between world sizes; a dead or hung rank stops the job."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -153,16 +154,40 @@ def test_g4u_on_two_processes_trains_as_one(tmp_path, launch, one_process, engin
     assert_same_training(a, b, lr=G4U_LR, steps=1)
 
 
-def test_g4u_resumes_on_two_processes_from_one(tmp_path, launch, one_process):
-    """Step 3 on 2 ZeRO-2 ranks, resumed from the one-process run's step-2 checkpoint == that run's step 3: weights,
-    optimizer state, data position and sampling carry over to another world size and engine."""
+def zero3_everything(folder: Path) -> list[str]:
+    """ZeRO-3 settings partitioning every weight: DeepSpeed's default keeps tensors under 1e5 elements whole, i.e.
+    almost all of the tiny models'."""
+    path = folder / "zero3.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 0}
+    path.write_text(json.dumps({"zero_optimization": zero, "zero_allow_untested_optimizer": True}))
+    return ["distributed.engine=zero3", f"distributed.deepspeed_config={path}"]
+
+
+@pytest.mark.parametrize("engine", ["zero2", "zero3"])
+def test_g4u_resumes_on_two_processes_from_one(tmp_path, launch, one_process, engine):
+    """Step 3 on 2 ZeRO ranks, resumed from the one-process run's step-2 checkpoint == that run's step 3: weights,
+    optimizer state, data position and sampling carry over to another world size and engine. ZeRO-3 (every weight
+    partitioned, the LM head gathered for the fused loss) also writes the final model from its partitions: the
+    released layout, loadable, holding the step-3 adapters."""
     resume = f"resume={one_process['g4u'] / 'checkpoint-2'}"
-    launch(tmp_path / "run", [*G4U, "max_steps=3", "distributed.engine=zero2", resume])
+    engine_args = zero3_everything(tmp_path) if engine == "zero3" else [f"distributed.engine={engine}"]
+    final = ["save_final_model=true"] if engine == "zero3" else []
+    launch(tmp_path / "run", [*G4U, "max_steps=3", *engine_args, resume, *final])
     a, b = checkpoint_tensors(one_process["g4u"], 3), checkpoint_tensors(tmp_path / "run", 3)
     assert_same_training(a, b, lr=G4U_LR, steps=1)
+    if engine == "zero3":
+        import uae_fast
+
+        uae_fast.load(tmp_path / "run" / "final")  # whole weights in the released layout
+        saved = load_file(tmp_path / "run" / "final" / "llm_lora" / "adapter_model.safetensors")
+        assert saved.keys() == b["llm_lora/adapter_model.safetensors"].keys()
+        assert all(torch.equal(saved[k], b["llm_lora/adapter_model.safetensors"][k]) for k in saved)
 
 
-@pytest.mark.parametrize("stage, engine", [("u4g", "zero2"), ("unified", "fsdp2"), ("cold_start", "fsdp2")])
+@pytest.mark.parametrize(
+    "stage, engine", [("u4g", "zero2"), ("u4g", "zero3"), ("unified", "fsdp2"), ("cold_start", "fsdp2")]
+)
 def test_stage_2b_the_unified_schedule_and_the_cold_start_on_two_processes_train_as_one(
     tmp_path, launch, one_process, stage, engine
 ):
@@ -170,8 +195,8 @@ def test_stage_2b_the_unified_schedule_and_the_cold_start_on_two_processes_train
     unified schedule's stage that is not training sees the other's model whole; the cold start's reconstructions
     (greedy captions: sampled ones are drawn per rank) backpropagate through sharded blocks."""
     steps = 2 if stage == "unified" else 1  # unified: a 2a step, then a 2b step
-    args = [*{"u4g": U4G, "unified": UNIFIED, "cold_start": COLD_START}[stage], f"max_steps={steps}",
-            f"distributed.engine={engine}"]  # fmt: skip
+    engine_args = zero3_everything(tmp_path) if engine == "zero3" else [f"distributed.engine={engine}"]
+    args = [*{"u4g": U4G, "unified": UNIFIED, "cold_start": COLD_START}[stage], f"max_steps={steps}", *engine_args]
     launch(tmp_path / "run", args)
     a, b = checkpoint_tensors(one_process[stage], steps), checkpoint_tensors(tmp_path / "run")
     # unified: the 2b step renders with the captioner the 2a step trained, which differs by rounding between 1 and 2
@@ -181,10 +206,15 @@ def test_stage_2b_the_unified_schedule_and_the_cold_start_on_two_processes_train
     assert_same_training(a, b, lr=lr, steps=steps, moment_rtol=rtol)
 
 
-@pytest.mark.parametrize("engine, launcher", [("ddp", "torchrun"), ("zero2", "deepspeed")])
+@pytest.mark.parametrize("engine, launcher", [("ddp", "torchrun"), ("zero2", "deepspeed"), ("zero3", "torchrun")])
 def test_pretrain_on_two_processes_trains_as_one(tmp_path, launch, one_process, engine, launcher):
-    launch(tmp_path / "run", [*PRETRAIN, "max_steps=2", f"distributed.engine={engine}"], launcher=launcher)
+    """(ZeRO-3 keeps no EMA yet: its run trains without one, which leaves the trained weights as they are.)"""
+    engine_args = [*zero3_everything(tmp_path), "pretrain.ema_decay=0"] if engine == "zero3" else [
+        f"distributed.engine={engine}"]  # fmt: skip
+    launch(tmp_path / "run", [*PRETRAIN, "max_steps=2", *engine_args], launcher=launcher)
     a, b = checkpoint_tensors(one_process["pretrain"], 2), checkpoint_tensors(tmp_path / "run")
+    if engine == "zero3":
+        a = {name: tensors for name, tensors in a.items() if not name.startswith("ema/")}
     assert_same_training(a, b, lr=PRETRAIN_LR, steps=2)
 
 

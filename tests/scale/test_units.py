@@ -98,7 +98,7 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused():
 
 
 def test_bad_distributed_settings_are_one_line_errors():
-    with pytest.raises(ConfigError, match="distributed.engine must be one of ddp, fsdp2, zero2, got 'zero9'"):
+    with pytest.raises(ConfigError, match="distributed.engine must be one of ddp, fsdp2, zero2, zero3, got 'zero9'"):
         load_train_config("g4u_tiny", ["distributed.engine=zero9"])
     with pytest.raises(ConfigError, match="distributed.timeout_s must be > 0"):
         load_train_config("g4u_tiny", ["distributed.timeout_s=0"])

@@ -5,7 +5,7 @@
   clips and steps. In one process this is plain training.
 - `fsdp2`: torch FSDP2 (`fully_shard`) on every transformer block that holds trained parameters: their weights,
   gradients and optimizer state are split over the ranks; the rest of the trained parameters stay replicated.
-- `zero2`: DeepSpeed ZeRO-2 (see :mod:`uae_fast.dist.zero`).
+- `zero2` / `zero3`: DeepSpeed ZeRO-2 / ZeRO-3 (see :mod:`uae_fast.dist.zero`).
 
 Every engine sees the same contract from the stages: the loss of a rank is its share of the *global* batch's loss
 (normalised by global counts), gradients are averaged over the ranks, so :meth:`Engine.backward` scales by the
@@ -102,6 +102,11 @@ class Engine:
     def whole_state_dicts(self):
         """Context in which `state_dict()` of the trained modules holds whole tensors (every rank must then take
         the same state dicts: gathering is a collective)."""
+        return contextlib.nullcontext()
+
+    def direct_use(self, params: list[torch.nn.Parameter]):
+        """Context for a training pass that reads `params` outside their module's forward (the fused loss reads the
+        LM head's weight): the loss and its backward run inside it, on every rank (zero3 gathers them)."""
         return contextlib.nullcontext()
 
     def full(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -244,10 +249,10 @@ def make_engine(settings, runtime: Runtime) -> Engine:
         return Engine(runtime, settings)
     if settings.engine == "fsdp2":
         return FSDP2Engine(runtime, settings)
-    if settings.engine == "zero2":
-        from .zero import ZeroEngine
+    if settings.engine in ("zero2", "zero3"):
+        from .zero import Zero3Engine, ZeroEngine
 
-        return ZeroEngine(runtime, settings)
+        return (ZeroEngine if settings.engine == "zero2" else Zero3Engine)(runtime, settings)
     raise ConfigError(f"distributed.engine must be one of {', '.join(ENGINES)}, got {settings.engine!r}")
 
 

@@ -1,15 +1,19 @@
-"""DeepSpeed ZeRO-2 as a `distributed.engine` (DeepSpeed is an optional extra: `pip install uae-fast[deepspeed]`).
+"""DeepSpeed ZeRO-2 and ZeRO-3 as `distributed.engine`s (DeepSpeed is an optional extra: `pip install
+uae-fast[deepspeed]`).
 
 The stage's own torch AdamW is handed to `deepspeed.initialize` (DeepSpeed's fused Adam would be JIT-compiled at
-start, minutes on a CPU), which partitions its state and the gradients of the trained parameters over the ranks.
-DeepSpeed takes its ZeRO settings from `configs/deepspeed/zero2.json` (or `distributed.deepspeed_config`); the
-batch settings, gradient clipping and accumulation come from the stage: each micro-batch is a `backward`, and only
-the step's last pass is a gradient-accumulation boundary. Checkpoints stay whole tensors (DeepSpeed's
-`safe_get_full_*` / `safe_set_full_*`), so a ZeRO run resumes on any world size or engine, with no merge script.
+start, minutes on a CPU), which partitions its state and the gradients of the trained parameters over the ranks;
+ZeRO-3 partitions the weights of the trained modules too (their frozen base included), gathering each module's
+weights around its forward and backward. DeepSpeed takes its ZeRO settings from `configs/deepspeed/zero2.json` /
+`zero3.json` (or `distributed.deepspeed_config`); the batch settings, gradient clipping and accumulation come from
+the stage: each micro-batch is a `backward`, and only the step's last pass is a gradient-accumulation boundary.
+Checkpoints stay whole tensors (DeepSpeed's `safe_get_full_*` / `safe_set_full_*`), so a ZeRO run resumes on any
+world size or engine, with no merge script.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from importlib import resources
 from pathlib import Path
@@ -19,21 +23,22 @@ import torch
 from ..errors import ConfigError
 from .engines import Engine
 
-__all__ = ["ZeroEngine", "deepspeed_config"]
+__all__ = ["Zero3Engine", "ZeroEngine", "deepspeed_config"]
 
 _ADAM_STATE = ("exp_avg", "exp_avg_sq")
 
 
-def deepspeed_config(settings, *, max_grad_norm: float) -> dict:
+def deepspeed_config(settings, *, stage: int, max_grad_norm: float) -> dict:
     """The DeepSpeed config: the shipped (or given) ZeRO file, with the batch and clipping settings the stage owns."""
-    path = settings.deepspeed_config or resources.files("uae_fast.train") / "configs" / "deepspeed" / "zero2.json"
+    shipped = resources.files("uae_fast.train") / "configs" / "deepspeed" / f"zero{stage}.json"
+    path = settings.deepspeed_config or shipped
     try:
         config = json.loads(Path(str(path)).read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"distributed.deepspeed_config: cannot read {path} ({exc})") from None
-    stage = config.get("zero_optimization", {}).get("stage")
-    if stage != 2:
-        raise ConfigError(f"{path}: zero_optimization.stage must be 2 for distributed.engine=zero2, got {stage}")
+    found = config.get("zero_optimization", {}).get("stage")
+    if found != stage:
+        raise ConfigError(f"{path}: zero_optimization.stage must be {stage} for distributed.engine=zero{stage}, got {found}")
     if "optimizer" in config or "scheduler" in config:
         raise ConfigError(f"{path}: drop 'optimizer' / 'scheduler': the stage builds AdamW and its LR schedule")
     config.update(
@@ -48,17 +53,20 @@ class ZeroEngine(Engine):
     """DeepSpeed ZeRO-2 over one optimizer's parameters (the trained modules of one stage)."""
 
     name = "zero2"
+    stage = 2
     lockstep = True  # gradients are reduced in every backward
 
     def attach(self, modules, optimizer, max_grad_norm: float):
         try:
             import deepspeed
         except ImportError:
-            raise ConfigError("distributed.engine=zero2 needs DeepSpeed: pip install 'uae-fast[deepspeed]'") from None
+            raise ConfigError(f"distributed.engine={self.name} needs DeepSpeed: pip install 'uae-fast[deepspeed]'") from None
         super().attach(modules, optimizer, max_grad_norm)
-        config = deepspeed_config(self.settings, max_grad_norm=max_grad_norm)
-        holder = torch.nn.ModuleList(modules)  # DeepSpeed finds the trained parameters through one module
-        self.engine, self.zero_optimizer, _, _ = deepspeed.initialize(model=holder, optimizer=optimizer, config=config)
+        config = deepspeed_config(self.settings, stage=self.stage, max_grad_norm=max_grad_norm)
+        self.holder = torch.nn.ModuleList(modules)  # DeepSpeed finds the trained parameters through one module
+        self.engine, self.zero_optimizer, _, _ = deepspeed.initialize(
+            model=self.holder, optimizer=optimizer, config=config
+        )
         self.optimizer = optimizer
 
     def backward(self, loss: torch.Tensor, *, last: bool = True) -> None:
@@ -67,7 +75,7 @@ class ZeroEngine(Engine):
 
     def step(self, optimizers) -> float:
         if optimizers != [self.optimizer]:
-            raise ConfigError("distributed.engine=zero2 trains one optimizer per stage; use ddp or fsdp2 here")
+            raise ConfigError(f"distributed.engine={self.name} trains one optimizer per stage; use ddp or fsdp2 here")
         self.engine.set_gradient_accumulation_boundary(True)
         self.engine.step()  # clips at gradient_clipping, steps, clears the gradients
         norm = self.engine.get_global_grad_norm()
@@ -83,21 +91,27 @@ class ZeroEngine(Engine):
             if step is not None:
                 state[index] = {"step": torch.tensor(float(step)), **{k: v.detach().cpu() for k, v in full.items()}}
         # The inner optimizer's groups hold DeepSpeed's flat partitions now: describe the original parameters instead.
-        (group,) = optimizer.state_dict()["param_groups"]
-        return {"state": state, "param_groups": [{**group, "params": list(range(len(self.params)))}]}
+        (group,) = optimizer.param_groups  # (its state_dict() no longer maps: ZeRO-3 replaced the tensors)
+        settings = {k: v for k, v in group.items() if k != "params"}
+        return {"state": state, "param_groups": [{**settings, "params": list(range(len(self.params)))}]}
+
+    def load(self, param: torch.nn.Parameter, value: torch.Tensor) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        safe_set_full_fp32_param(param, value.float())  # ZeRO's fp32 master copy (trained parameters only)
+        super().load(param, value)
 
     def load_optimizer_state(self, optimizer, state: dict) -> None:
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+        from deepspeed.utils import safe_set_full_optimizer_state
 
-        restored = [p.detach().clone() for p in self.params]
+        restored = [self.full(p).clone() for p in self.params]
         if self._step_count() is None:  # DeepSpeed creates its optimizer state at the first step: one with zero grads
+            with self.direct_use(self.params):
+                self.backward(sum(p.sum() for p in self.params) * 0.0)
             self.engine.set_gradient_accumulation_boundary(True)
-            self.engine.backward(sum(p.sum() for p in self.params) * 0.0)
             self.engine.step()
-        for p, weights in zip(self.params, restored):  # ZeRO keeps its own fp32 master copy: take the restored weights
-            safe_set_full_fp32_param(p, weights.float())
-            with torch.no_grad():
-                p.copy_(weights)
+        for p, weights in zip(self.params, restored):  # the warm step's weight decay moved them: restore
+            self.load(p, weights)
         for index, per_param in state["state"].items():
             p = self.params[int(index)]
             for key in _ADAM_STATE:
@@ -115,3 +129,72 @@ class ZeroEngine(Engine):
             if "step" in inner:
                 return float(inner["step"])
         return None
+
+
+class Zero3Engine(ZeroEngine):
+    """DeepSpeed ZeRO-3: the trained modules' weights partitioned too, each module's gathered around its passes.
+
+    The stages call submodules directly (not DeepSpeed's engine): DeepSpeed's hooks on every submodule still gather
+    and release their weights, and each backward first closes the previous micro-batch (what `engine.forward` would
+    do), so gradients accumulate. A weight read outside its module's forward (the fused loss reads `lm_head.weight`)
+    is gathered by :meth:`direct_use` for the loss and its backward. Rollouts and the other unsynchronised passes run
+    in :meth:`gathered`: the whole modules gathered once and the hooks off, so ranks need not run them in lockstep.
+    """
+
+    name = "zero3"
+    stage = 3
+
+    def backward(self, loss: torch.Tensor, *, last: bool = True) -> None:
+        self.zero_optimizer.clear_backward_seen_flag()  # a new micro-batch: accumulate onto the previous ones
+        super().backward(loss, last=last)
+
+    @contextlib.contextmanager
+    def gathered(self):
+        import deepspeed
+
+        offload = self.zero_optimizer.parameter_offload
+        with deepspeed.zero.GatheredParameters(list(self.holder.parameters())):
+            for param in self.holder.parameters():
+                param.ds_active_sub_modules.clear()
+            for hook in offload.forward_hooks + offload.backward_hooks:
+                hook.remove()
+            offload.forward_hooks, offload.backward_hooks = [], []
+            try:
+                yield
+            finally:  # hooks back on, with the forward order traced afresh (these passes were not traced)
+                if not offload.param_coordinator.is_invalid_trace():
+                    offload.param_coordinator._invalidate_trace()
+                offload._register_deepspeed_module(offload.module)
+
+    def whole_state_dicts(self):
+        return self.gathered()
+
+    def direct_use(self, params: list[torch.nn.Parameter]):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([p for p in params if hasattr(p, "ds_id")])
+
+    def full(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not hasattr(tensor, "ds_id"):  # not partitioned (a buffer, or a small parameter DeepSpeed keeps whole)
+            return tensor.detach()
+        import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        whole = safe_get_full_fp32_param(tensor)  # the fp32 master of a trained parameter, None for a frozen one
+        if whole is None:
+            with deepspeed.zero.GatheredParameters([tensor]):
+                whole = tensor.detach().clone()
+        return whole.to(tensor.dtype)
+
+    def load(self, param: torch.nn.Parameter, value: torch.Tensor) -> None:
+        if not hasattr(param, "ds_id"):
+            super().load(param, value)
+            return
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        safe_set_full_fp32_param(param, value.float())
+        # every rank holds `value`: rank 0's copy is partitioned back over the ranks on exit
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0), torch.no_grad():
+            if self.runtime.rank == 0:
+                param.copy_(value.to(param.device, param.dtype))

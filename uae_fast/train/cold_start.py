@@ -72,10 +72,11 @@ class ColdStartTrainer(StageTrainer):
         self.eval_set: list[TrainImage] | None = None
         updates = config.max_steps if steps is None else steps
         self.pairs = {}
-        if config.distributed.engine == "zero2" and self.runtime.distributed and len(self.adapters()) > 1:
+        engine = config.distributed.engine
+        if engine in ("zero2", "zero3") and self.runtime.distributed and len(self.adapters()) > 1:
             raise ConfigError(
-                "distributed.engine=zero2 trains one optimizer per stage; the cold start trains both adapters: use "
-                "ddp or fsdp2, or set cold_start.train_encoder=false"
+                f"distributed.engine={engine} trains one optimizer per stage; the cold start trains both adapters: "
+                "use ddp or fsdp2, or set cold_start.train_encoder=false"
             )
         for name, model in self.adapters().items():
             self.build_optimizer([model], learning_rate=s.learning_rate, updates=updates)

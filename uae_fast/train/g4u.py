@@ -182,35 +182,36 @@ class G4UTrainer(StageTrainer):
 
         # Engines in lockstep need as many passes on every rank: a rank with fewer repeats its first, weighted 0.
         passes = self.engine.passes(len(micro))
+        lm_head = self.policy.encoder.lm_head.weight
         batch_losses = []
         for _ in range(cfg.num_iterations):
             batch_loss = 0.0  # the whole batch's loss: the scaled micro-batch losses add up to it
             for k in range(passes):
-                if k >= len(micro):
-                    self.backward(hidden_of(micro[0] if micro else [0])[0].sum() * 0.0, last=k == passes - 1)
-                    continue
-                index = micro[k]
-                hidden, tokens, seq = hidden_of(index)
-                batch = PackedCompletions(
-                    tokens,
-                    seq,
-                    len(index),
-                    old_logp=per_token(buf.old_logprob, k) if cfg.num_iterations > 1 else None,
-                    ref_logp=per_token(buf.ref_logprob, k) if cfg.loss.beta > 0 else None,
-                )
-                loss, _, m = grpo_loss(
-                    hidden, self.policy.encoder.lm_head.weight, batch, advantages[index], cfg.loss, total_tokens
-                )
-                if not torch.isfinite(loss):
-                    raise UAEError(
-                        f"step {self.step + 1}: the loss is {float(loss)}; the model diverged (non-finite rewards "
-                        "are masked out) — lower learning_rate"
+                # the fused loss reads the LM head's weight outside its forward: zero3 gathers it for the pass
+                with self.engine.direct_use([lm_head]):
+                    if k >= len(micro):
+                        self.backward(hidden_of(micro[0] if micro else [0])[0].sum() * 0.0, last=k == passes - 1)
+                        continue
+                    index = micro[k]
+                    hidden, tokens, seq = hidden_of(index)
+                    batch = PackedCompletions(
+                        tokens,
+                        seq,
+                        len(index),
+                        old_logp=per_token(buf.old_logprob, k) if cfg.num_iterations > 1 else None,
+                        ref_logp=per_token(buf.ref_logprob, k) if cfg.loss.beta > 0 else None,
                     )
-                scaled = loss * self._micro_scale(len(index), len(tokens), total_seqs, total_tokens)
-                self.backward(scaled, last=k == passes - 1)
-                batch_loss += float(scaled.detach())
-                for key, value in m.items():
-                    metrics.setdefault(key, []).append((float(value), len(tokens)))
+                    loss, _, m = grpo_loss(hidden, lm_head, batch, advantages[index], cfg.loss, total_tokens)
+                    if not torch.isfinite(loss):
+                        raise UAEError(
+                            f"step {self.step + 1}: the loss is {float(loss)}; the model diverged (non-finite rewards "
+                            "are masked out) — lower learning_rate"
+                        )
+                    scaled = loss * self._micro_scale(len(index), len(tokens), total_seqs, total_tokens)
+                    self.backward(scaled, last=k == passes - 1)
+                    batch_loss += float(scaled.detach())
+                    for key, value in m.items():
+                        metrics.setdefault(key, []).append((float(value), len(tokens)))
             batch_losses.append(self.runtime.sum(batch_loss)[0])
             norm = self.optimizer_step()
         out = {k: sum(v * w for v, w in vals) / max(sum(w for _, w in vals), 1) for k, vals in metrics.items()}

@@ -85,6 +85,11 @@ class PretrainTrainer(StageTrainer):
         if config.data.aspect_buckets and smallest < 64:
             raise ConfigError(f"data.aspect_buckets needs pretrain.resolutions sides >= 64 (got {smallest})")
         self.pairs_per_rank = self.share(s.batch_size, "pretrain.batch_size")
+        if s.ema_decay and config.distributed.engine == "zero3" and self.runtime.distributed:
+            raise ConfigError(
+                "pretrain.ema_decay: the EMA is not kept over ZeRO-3's partitioned weights yet: use fsdp2 or zero2, "
+                "or set pretrain.ema_decay=0"
+            )
         modules = [decoder.transformer] + ([encoder.projector] if self.train_projector else [])
         self.build_optimizer(modules, learning_rate=s.learning_rate, updates=config.max_steps)
         # After build_optimizer: a sharding engine replaces the parameters it shards.

@@ -24,7 +24,7 @@ __all__ = [
 DIT_ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "cosmap", "sigma_sqrt", "uniform")
 FINETUNE_MODES = ("lora", "full")
-ENGINES = ("ddp", "fsdp2", "zero2")  # distributed.engine (uae_fast.dist.engines)
+ENGINES = ("ddp", "fsdp2", "zero2", "zero3")  # distributed.engine (uae_fast.dist.engines)
 COLD_START_CAPTIONS = ("sample", "greedy")
 
 
@@ -197,7 +197,8 @@ class DistributedSettings:
     engine: str = field(
         default="ddp",
         metadata={"help": "how the ranks of a torchrun / deepspeed launch share the trained weights: ddp "
-                  "(replicated), fsdp2 (sharded blocks) or zero2 (DeepSpeed ZeRO-2); one process needs none"},
+                  "(replicated), fsdp2 (sharded blocks), zero2 (DeepSpeed ZeRO-2) or zero3 (ZeRO-3: weights "
+                  "partitioned too); one process needs none"},
     )  # fmt: skip
     timeout_s: float = field(
         default=600.0,
@@ -205,7 +206,10 @@ class DistributedSettings:
                   "hangs)"},
     )  # fmt: skip
     deepspeed_config: str | None = field(
-        default=None, metadata={"help": "zero2: a DeepSpeed JSON instead of the shipped configs/deepspeed/zero2.json"}
+        default=None,
+        metadata={
+            "help": "zero2 / zero3: a DeepSpeed JSON instead of the shipped configs/deepspeed/zero2.json / zero3.json"
+        },
     )
 
     def __post_init__(self):

@@ -33,7 +33,10 @@ def _load(folder, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{Path(folder).parent} is not a complete training checkpoint: {path.name} is missing")
     tensors = load_file(path)
-    if set(tensors) != set(expected) or any(tensors[k].shape != v.shape for k, v in expected.items()):
+    # (a ZeRO-3 parameter's own shape is its empty partition's: `ds_shape` is the whole one)
+    if set(tensors) != set(expected) or any(
+        tensors[k].shape != getattr(v, "ds_shape", v.shape) for k, v in expected.items()
+    ):
         raise CheckpointError(f"{path} does not fit this model (different parameter names or shapes)")
     return tensors
 
@@ -86,13 +89,13 @@ class FullWeights:
         self.module = module
 
     def trained_state(self) -> dict[str, torch.Tensor]:
-        return self.module.state_dict()
+        return self.module.state_dict(keep_vars=True)  # the parameters themselves: the engine gathers them
 
     def save_pretrained(self, folder, safe_serialization: bool = True, state_dict=None) -> None:
         _save(self.module.state_dict() if state_dict is None else state_dict, folder)
 
     def load_saved(self, folder, engine) -> None:
-        tensors = _load(folder, self.module.state_dict())
+        tensors = _load(folder, self.module.state_dict(keep_vars=True))
         for name, tensor in self.module.state_dict(keep_vars=True).items():
             engine.load(tensor, tensors[name])
 
