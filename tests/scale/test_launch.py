@@ -208,13 +208,17 @@ def test_stage_2b_the_unified_schedule_and_the_cold_start_on_two_processes_train
 
 @pytest.mark.parametrize("engine, launcher", [("ddp", "torchrun"), ("zero2", "deepspeed"), ("zero3", "torchrun")])
 def test_pretrain_on_two_processes_trains_as_one(tmp_path, launch, one_process, engine, launcher):
-    """(ZeRO-3 keeps no EMA yet: its run trains without one, which leaves the trained weights as they are.)"""
-    engine_args = [*zero3_everything(tmp_path), "pretrain.ema_decay=0"] if engine == "zero3" else [
-        f"distributed.engine={engine}"]  # fmt: skip
-    launch(tmp_path / "run", [*PRETRAIN, "max_steps=2", *engine_args], launcher=launcher)
-    a, b = checkpoint_tensors(one_process["pretrain"], 2), checkpoint_tensors(tmp_path / "run")
+    """Full fine-tuning of the DiT and its EMA. zero3 (the EMA kept over each rank's partition, gathered to save)
+    resumes from the one-process run's step-2 checkpoint — weights, EMA and optimizer state loaded into partitions —
+    and trains steps 3-4 as that run did."""
     if engine == "zero3":
-        a = {name: tensors for name, tensors in a.items() if not name.startswith("ema/")}
+        resume = f"resume={one_process['pretrain'] / 'checkpoint-2'}"
+        launch(tmp_path / "run", [*PRETRAIN, "max_steps=4", "save_steps=2", *zero3_everything(tmp_path), resume])
+        a, b = checkpoint_tensors(one_process["pretrain"], 4), checkpoint_tensors(tmp_path / "run", 4)
+        assert_same_training(a, b, lr=PRETRAIN_LR, steps=2)
+        return
+    launch(tmp_path / "run", [*PRETRAIN, "max_steps=2", f"distributed.engine={engine}"], launcher=launcher)
+    a, b = checkpoint_tensors(one_process["pretrain"], 2), checkpoint_tensors(tmp_path / "run")
     assert_same_training(a, b, lr=PRETRAIN_LR, steps=2)
 
 

@@ -11,6 +11,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
+from uae_fast.dist.engines import Engine
+from uae_fast.dist.runtime import Runtime
 from uae_fast.train.caption_cache import ConditioningCache
 from uae_fast.train.flow_matching import flow_matching_loss, loss_weights, noisy_latents, sample_sigmas
 from uae_fast.train.pretrain import fit_image
@@ -92,7 +94,7 @@ def test_conditioning_cache_equals_recomputing_and_counts():
 
 def test_ema_follows_its_recurrence():
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
-    ema = EMA({"p": p}, decay=0.9)
+    ema = EMA({"p": p}, decay=0.9, engine=Engine(Runtime()))
     expected = p.detach().clone()
     for value in ([3.0, 0.0], [0.0, 1.0], [5.0, 5.0]):
         with torch.no_grad():

@@ -118,6 +118,18 @@ class Engine:
         with torch.no_grad():
             param.copy_(value.to(param.device, param.dtype))
 
+    def local(self, param: torch.nn.Parameter) -> torch.Tensor:
+        """The part of `param` this rank holds and computes with (zero3: its flat partition; else `param`)."""
+        return param
+
+    def full_local(self, param: torch.nn.Parameter, tensor: torch.Tensor) -> torch.Tensor:
+        """The whole tensor of which `tensor` is this rank's part, laid out as `local(param)` (a collective)."""
+        return self.full(tensor)
+
+    def load_local(self, param: torch.nn.Parameter, tensor: torch.Tensor, value: torch.Tensor) -> None:
+        """Copy this rank's part of the whole tensor `value` into `tensor`, laid out as `local(param)`."""
+        self.load(tensor, value)
+
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
         """`optimizer.state_dict()` with whole tensors (every rank calls it)."""
         state = optimizer.state_dict()

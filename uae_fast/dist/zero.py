@@ -198,3 +198,24 @@ class Zero3Engine(ZeroEngine):
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0), torch.no_grad():
             if self.runtime.rank == 0:
                 param.copy_(value.to(param.device, param.dtype))
+
+    def local(self, param: torch.nn.Parameter) -> torch.Tensor:
+        return param.ds_tensor if hasattr(param, "ds_id") else param
+
+    def full_local(self, param: torch.nn.Parameter, tensor: torch.Tensor) -> torch.Tensor:
+        if not hasattr(param, "ds_id"):
+            return super().full_local(param, tensor)
+        # rank r holds elements [r·n, (r + 1)·n) of the flattened weight, padded at the end
+        parts = [torch.empty_like(tensor) for _ in range(self.runtime.world_size)]
+        torch.distributed.all_gather(parts, tensor.detach().contiguous())
+        return torch.cat(parts)[: param.ds_numel].view(param.ds_shape)
+
+    def load_local(self, param: torch.nn.Parameter, tensor: torch.Tensor, value: torch.Tensor) -> None:
+        if not hasattr(param, "ds_id"):
+            super().load_local(param, tensor, value)
+            return
+        n = tensor.numel()
+        piece = value.reshape(-1)[self.runtime.rank * n : (self.runtime.rank + 1) * n]
+        with torch.no_grad():
+            tensor.zero_()
+            tensor[: len(piece)].copy_(piece.to(tensor.device, tensor.dtype))

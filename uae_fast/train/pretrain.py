@@ -85,18 +85,13 @@ class PretrainTrainer(StageTrainer):
         if config.data.aspect_buckets and smallest < 64:
             raise ConfigError(f"data.aspect_buckets needs pretrain.resolutions sides >= 64 (got {smallest})")
         self.pairs_per_rank = self.share(s.batch_size, "pretrain.batch_size")
-        if s.ema_decay and config.distributed.engine == "zero3" and self.runtime.distributed:
-            raise ConfigError(
-                "pretrain.ema_decay: the EMA is not kept over ZeRO-3's partitioned weights yet: use fsdp2 or zero2, "
-                "or set pretrain.ema_decay=0"
-            )
         modules = [decoder.transformer] + ([encoder.projector] if self.train_projector else [])
         self.build_optimizer(modules, learning_rate=s.learning_rate, updates=config.max_steps)
         # After build_optimizer: a sharding engine replaces the parameters it shards.
         named = {f"dit.{n}": p for n, p in decoder.transformer.named_parameters() if p.requires_grad}
         if self.train_projector:
             named.update({f"projector.{n}": p for n, p in encoder.projector.named_parameters()})
-        self.ema = EMA(named, s.ema_decay) if s.ema_decay else None
+        self.ema = EMA(named, s.ema_decay, self.engine) if s.ema_decay else None
         if self.ema is not None:
             self.trained["ema"] = self.ema
         self.cache = ConditioningCache(self._frozen_conditioning, size=s.conditioning_cache, device=self.device)

@@ -102,39 +102,42 @@ class FullWeights:
 
 class EMA:
     """Exponential moving average (in fp32) of named parameters: after each optimizer step
-    `shadow ← decay·shadow + (1 − decay)·param`."""
+    `shadow ← decay·shadow + (1 − decay)·param`, kept over the part of each parameter this rank holds
+    (`engine.local`: the whole tensor, an FSDP2 shard, a ZeRO-3 partition)."""
 
-    def __init__(self, parameters: dict[str, torch.nn.Parameter], decay: float):
+    def __init__(self, parameters: dict[str, torch.nn.Parameter], decay: float, engine):
         self.parameters = parameters
         self.decay = decay
-        self.shadow = {name: p.detach().float().clone() for name, p in parameters.items()}
+        self.engine = engine
+        self.shadow = {name: engine.local(p).detach().float().clone() for name, p in parameters.items()}
 
     @torch.no_grad()
     def update(self) -> None:
         for name, p in self.parameters.items():
-            self.shadow[name].lerp_(p.detach().float(), 1.0 - self.decay)
+            self.shadow[name].lerp_(self.engine.local(p).detach().float(), 1.0 - self.decay)
 
     @contextlib.contextmanager
     def applied(self):
         """Context in which the parameters hold the averaged values (to evaluate or save them); restored after."""
-        saved = {name: p.detach().clone() for name, p in self.parameters.items()}
+        held = {name: self.engine.local(p) for name, p in self.parameters.items()}
+        saved = {name: t.detach().clone() for name, t in held.items()}
         with torch.no_grad():
-            for name, p in self.parameters.items():
-                p.copy_(self.shadow[name])
+            for name, t in held.items():
+                t.copy_(self.shadow[name])
         try:
             yield
         finally:
             with torch.no_grad():
-                for name, p in self.parameters.items():
-                    p.copy_(saved[name])
+                for name, t in held.items():
+                    t.copy_(saved[name])
 
     def trained_state(self) -> dict[str, torch.Tensor]:
-        return self.shadow
+        return {name: self.engine.full_local(p, self.shadow[name]) for name, p in self.parameters.items()}
 
     def save_pretrained(self, folder, safe_serialization: bool = True, state_dict=None) -> None:
-        _save(self.shadow if state_dict is None else state_dict, folder)
+        _save(self.trained_state() if state_dict is None else state_dict, folder)
 
     def load_saved(self, folder, engine) -> None:
-        tensors = _load(folder, self.shadow)
-        for name, shadow in self.shadow.items():
-            engine.load(shadow, tensors[name])
+        tensors = _load(folder, self.parameters)
+        for name, p in self.parameters.items():
+            engine.load_local(p, self.shadow[name], tensors[name])
