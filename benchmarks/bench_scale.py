@@ -1,5 +1,5 @@
 """Scale-out on one machine: `uae-fast train` (tiny preset) in 1 process vs 2 processes under each engine
-(`distributed.engine=ddp | fsdp2 | zero2`, torchrun, gloo on CPU), the same GLOBAL batch and steps.
+(`distributed.engine=ddp | fsdp2 | zero2 | zero3`, torchrun, gloo on CPU), the same GLOBAL batch and steps.
 
 Each row runs the product CLI exactly as a user does (`python -m uae_fast.cli train ...`, or under
 `python -m torch.distributed.run --nproc_per_node=2 ...`) in a subprocess and reads the run's metrics.jsonl (one line
@@ -12,7 +12,7 @@ OMP_NUM_THREADS=1; for one process a second row with OMP_NUM_THREADS=2 uses both
 Stages: `g4u` (stage 2a: batch_size=16 completions = 4 images x num_generations=4, decoder.batch_size=4) and
 `pretrain` (stage 1: pretrain.batch_size=8 pairs, pretrain.eval_images=0).
 
-    python benchmarks/bench_scale.py                                   # both stages, 3 engines: ~3 min on 2 cores
+    python benchmarks/bench_scale.py                                   # both stages, 4 engines: ~4 min on 2 cores
     python benchmarks/bench_scale.py --stages pretrain --engines ddp --steps 12
 """
 
@@ -38,7 +38,7 @@ STAGES = {
     "g4u": ["batch_size=16", "num_generations=4", "decoder.batch_size=4"],
     "pretrain": ["--stage", "pretrain", "pretrain.batch_size=8", "pretrain.eval_images=0"],
 }
-ENGINES = ("ddp", "fsdp2", "zero2")
+ENGINES = ("ddp", "fsdp2", "zero2", "zero3")
 COLUMNS = ["stage", "processes", "engine", "samples/s (global)", "step time (s)", "peak memory per rank (GiB)",
            "speed-up vs 1 process", "memory per rank vs 1 process"]  # fmt: skip
 PARAGRAPH = """\
@@ -50,7 +50,8 @@ model's step is dominated by per-step overhead (Python, op dispatch, small GEMMs
 arithmetic, so its speed-ups say little about the real models, whose steps are large GEMMs and whose all-reduce
 volume is the trained weights' size. Memory: the per-rank peak here is mostly the interpreter, torch and the
 replicated frozen models (encoder, decoder, VAE, reward backbones); ZeRO-2 shards only the trained parameters'
-gradients and optimizer state, FSDP2 also the weights of the transformer blocks that hold trained parameters. For the
+gradients and optimizer state, FSDP2 also the weights of the transformer blocks that hold trained parameters,
+ZeRO-3 every weight of the trained models. For the
 tiny model those are a few MB, so sharding cannot show a saving here; with the real models (Qwen2.5-VL-3B + LoRA,
 SD3.5 DiT) they are GBs per GPU: scripts/memory_plan.py estimates them."""
 
