@@ -38,7 +38,9 @@ def deepspeed_config(settings, *, stage: int, max_grad_norm: float) -> dict:
         raise ConfigError(f"distributed.deepspeed_config: cannot read {path} ({exc})") from None
     found = config.get("zero_optimization", {}).get("stage")
     if found != stage:
-        raise ConfigError(f"{path}: zero_optimization.stage must be {stage} for distributed.engine=zero{stage}, got {found}")
+        raise ConfigError(
+            f"{path}: zero_optimization.stage must be {stage} for distributed.engine=zero{stage}, got {found}"
+        )
     if "optimizer" in config or "scheduler" in config:
         raise ConfigError(f"{path}: drop 'optimizer' / 'scheduler': the stage builds AdamW and its LR schedule")
     config.update(
@@ -143,6 +145,7 @@ class Zero3Engine(ZeroEngine):
 
     name = "zero3"
     stage = 3
+    _gathered_depth = 0  # gathered() may nest (a report inside the final gathering): only the outermost acts
 
     def backward(self, loss: torch.Tensor, *, last: bool = True) -> None:
         self.zero_optimizer.clear_backward_seen_flag()  # a new micro-batch: accumulate onto the previous ones
@@ -150,9 +153,13 @@ class Zero3Engine(ZeroEngine):
 
     @contextlib.contextmanager
     def gathered(self):
+        if self._gathered_depth:  # already whole, hooks already off
+            yield
+            return
         import deepspeed
 
         offload = self.zero_optimizer.parameter_offload
+        self._gathered_depth += 1
         with deepspeed.zero.GatheredParameters(list(self.holder.parameters())):
             for param in self.holder.parameters():
                 param.ds_active_sub_modules.clear()
@@ -165,6 +172,7 @@ class Zero3Engine(ZeroEngine):
                 if not offload.param_coordinator.is_invalid_trace():
                     offload.param_coordinator._invalidate_trace()
                 offload._register_deepspeed_module(offload.module)
+                self._gathered_depth -= 1
 
     def whole_state_dicts(self):
         return self.gathered()
