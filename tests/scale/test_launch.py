@@ -154,12 +154,12 @@ def test_g4u_on_two_processes_trains_as_one(tmp_path, launch, one_process, engin
     assert_same_training(a, b, lr=G4U_LR, steps=1)
 
 
-def zero3_everything(folder: Path) -> list[str]:
-    """ZeRO-3 settings partitioning every weight: DeepSpeed's default keeps tensors under 1e5 elements whole, i.e.
-    almost all of the tiny models'."""
+def zero3_everything(folder: Path, keep_whole_below: int = 0) -> list[str]:
+    """ZeRO-3 settings partitioning every weight (or those of `keep_whole_below` elements and more): DeepSpeed's
+    default keeps tensors under 1e5 elements whole on every rank, i.e. almost all of the tiny models'."""
     path = folder / "zero3.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    zero = {"stage": 3, "stage3_param_persistence_threshold": 0}
+    zero = {"stage": 3, "stage3_param_persistence_threshold": keep_whole_below}
     path.write_text(json.dumps({"zero_optimization": zero, "zero_allow_untested_optimizer": True}))
     return ["distributed.engine=zero3", f"distributed.deepspeed_config={path}"]
 
@@ -208,14 +208,22 @@ def test_stage_2b_the_unified_schedule_and_the_cold_start_on_two_processes_train
 
 @pytest.mark.parametrize("engine, launcher", [("ddp", "torchrun"), ("zero2", "deepspeed"), ("zero3", "torchrun")])
 def test_pretrain_on_two_processes_trains_as_one(tmp_path, launch, one_process, engine, launcher):
-    """Full fine-tuning of the DiT and its EMA. zero3 (the EMA kept over each rank's partition, gathered to save)
+    """Full fine-tuning of the DiT and its EMA. zero3 (the EMA kept over each rank's partition, gathered to save;
+    tensors under 1000 elements — biases, norms — kept whole, the matrices partitioned, so both kinds are covered)
     resumes from the one-process run's step-2 checkpoint — weights, EMA and optimizer state loaded into partitions —
     and trains steps 3-4 as that run did."""
     if engine == "zero3":
         resume = f"resume={one_process['pretrain'] / 'checkpoint-2'}"
-        launch(tmp_path / "run", [*PRETRAIN, "max_steps=4", "save_steps=2", *zero3_everything(tmp_path), resume])
+        zero3 = zero3_everything(tmp_path, keep_whole_below=1000)
+        launch(tmp_path / "run", [*PRETRAIN, "max_steps=4", "save_steps=2", *zero3, resume, "save_final_model=true"])
         a, b = checkpoint_tensors(one_process["pretrain"], 4), checkpoint_tensors(tmp_path / "run", 4)
         assert_same_training(a, b, lr=PRETRAIN_LR, steps=2)
+        # the final DiT holds the EMA weights, the whole-kept tensors included
+        final = load_file(tmp_path / "run" / "final" / "dit" / "diffusion_pytorch_model.safetensors")
+        ema = b["ema/model.safetensors"]
+        trained = [k for k in final if f"dit.{k}" in ema]  # (the rest are buffers: the position table)
+        assert len(trained) == len([k for k in ema if k.startswith("dit.")])
+        assert all(torch.equal(final[k], ema[f"dit.{k}"].to(final[k].dtype)) for k in trained)
         return
     launch(tmp_path / "run", [*PRETRAIN, "max_steps=2", f"distributed.engine={engine}"], launcher=launcher)
     a, b = checkpoint_tensors(one_process["pretrain"], 2), checkpoint_tensors(tmp_path / "run")

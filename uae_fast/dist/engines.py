@@ -130,6 +130,12 @@ class Engine:
         """Copy this rank's part of the whole tensor `value` into `tensor`, laid out as `local(param)`."""
         self.load(tensor, value)
 
+    def compute_with(self, param: torch.nn.Parameter, tensor: torch.Tensor) -> None:
+        """Make `param` compute with the values whose part on this rank is `tensor` (laid out as `local(param)`;
+        every rank calls it: zero3 gathers the weights it holds whole)."""
+        with torch.no_grad():
+            self.local(param).copy_(tensor)
+
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
         """`optimizer.state_dict()` with whole tensors (every rank calls it)."""
         state = optimizer.state_dict()

@@ -198,14 +198,11 @@ class Zero3Engine(ZeroEngine):
         if not hasattr(param, "ds_id"):
             super().load(param, value)
             return
-        import deepspeed
         from deepspeed.utils import safe_set_full_fp32_param
 
-        safe_set_full_fp32_param(param, value.float())
-        # every rank holds `value`: rank 0's copy is partitioned back over the ranks on exit
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0), torch.no_grad():
-            if self.runtime.rank == 0:
-                param.copy_(value.to(param.device, param.dtype))
+        safe_set_full_fp32_param(param, value.float())  # the fp32 master (trained parameters only)
+        self._write_partition(param.ds_tensor, value)  # every rank its own part of the working copy
+        self._refresh_whole(param, value)
 
     def local(self, param: torch.nn.Parameter) -> torch.Tensor:
         return param.ds_tensor if hasattr(param, "ds_id") else param
@@ -222,6 +219,27 @@ class Zero3Engine(ZeroEngine):
         if not hasattr(param, "ds_id"):
             super().load_local(param, tensor, value)
             return
+        self._write_partition(tensor, value)
+
+    def compute_with(self, param: torch.nn.Parameter, tensor: torch.Tensor) -> None:
+        if not hasattr(param, "ds_id"):
+            super().compute_with(param, tensor)
+            return
+        with torch.no_grad():
+            param.ds_tensor.copy_(tensor)
+        self._refresh_whole(param, None, tensor)
+
+    def _refresh_whole(self, param, value: torch.Tensor | None, part: torch.Tensor | None = None) -> None:
+        """A weight DeepSpeed holds whole right now (one under `stage3_param_persistence_threshold` elements, once
+        fetched) computes from that copy, not from its partition: bring it up to date too (`part`: gathered)."""
+        if param.data.numel() != param.ds_numel:
+            return
+        whole = value if value is not None else self.full_local(param, part)
+        with torch.no_grad():
+            param.data.copy_(whole.to(param.device, param.dtype).view_as(param.data))
+
+    def _write_partition(self, tensor: torch.Tensor, value: torch.Tensor) -> None:
+        """This rank's part of the whole `value` into `tensor`, laid out as a ZeRO-3 partition."""
         n = tensor.numel()
         piece = value.reshape(-1)[self.runtime.rank * n : (self.runtime.rank + 1) * n]
         with torch.no_grad():

@@ -118,18 +118,16 @@ class EMA:
 
     @contextlib.contextmanager
     def applied(self):
-        """Context in which the parameters hold the averaged values (to evaluate or save them); restored after."""
-        held = {name: self.engine.local(p) for name, p in self.parameters.items()}
-        saved = {name: t.detach().clone() for name, t in held.items()}
-        with torch.no_grad():
-            for name, t in held.items():
-                t.copy_(self.shadow[name])
+        """Context in which the parameters hold the averaged values (to evaluate or save them); restored after.
+        Every rank enters it."""
+        saved = {name: self.engine.local(p).detach().clone() for name, p in self.parameters.items()}
+        for name, p in self.parameters.items():
+            self.engine.compute_with(p, self.shadow[name])
         try:
             yield
         finally:
-            with torch.no_grad():
-                for name, t in held.items():
-                    t.copy_(saved[name])
+            for name, p in self.parameters.items():
+                self.engine.compute_with(p, saved[name])
 
     def trained_state(self) -> dict[str, torch.Tensor]:
         return {name: self.engine.full_local(p, self.shadow[name]) for name, p in self.parameters.items()}
