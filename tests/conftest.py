@@ -92,12 +92,20 @@ def browser_dom():
     return _dom
 
 
+def _load_script(path: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def benchmark_module():
     """`with benchmark_module("bench_x") as module:` — the script benchmarks/bench_x.py loaded as a module, with
     benchmarks/ on sys.path meanwhile (the scripts import their `utils` and `*_setup` helpers from there)."""
     import contextlib
-    import importlib.util
     import sys
 
     folder = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -106,11 +114,15 @@ def benchmark_module():
     def load(name: str):
         sys.path.insert(0, str(folder))
         try:
-            spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            yield module
+            yield _load_script(folder / f"{name}.py")
         finally:
             sys.path.remove(str(folder))
 
     return load
+
+
+@pytest.fixture(scope="session")
+def script_module():
+    """`script_module("x")`: the script scripts/x.py loaded as a module."""
+    folder = Path(__file__).resolve().parents[1] / "scripts"
+    return lambda name: _load_script(folder / f"{name}.py")

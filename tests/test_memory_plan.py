@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "memory_plan.py"
 GIB = 2**30
 H, FF, KV = 2048, 11008, 256  # Qwen2.5-3B LLM: hidden, MLP width, 2 KV heads × 128
 D = 2432  # SD3.5-Large DiT width (38 heads × 64)
 
 
 @pytest.fixture(scope="module")
-def plan():
-    spec = importlib.util.spec_from_file_location("memory_plan", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def plan(script_module):
+    return script_module("memory_plan")
 
 
 @pytest.fixture(scope="module")

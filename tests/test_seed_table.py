@@ -3,20 +3,12 @@ stages): checked on synthetic runs against Δ and σ₀ worked out here."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "seed_table.py"
 
 
 @pytest.fixture(scope="module")
-def table():
-    spec = importlib.util.spec_from_file_location("seed_table", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def table(script_module):
+    return script_module("seed_table")
 
 
 def unified_rows(g4u: list[float], u4g: list[float], g4u_std: float, u4g_std: float) -> list[dict]:
