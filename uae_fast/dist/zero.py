@@ -183,7 +183,7 @@ class Zero3Engine(ZeroEngine):
         return deepspeed.zero.GatheredParameters([p for p in params if hasattr(p, "ds_id")])
 
     def full(self, tensor: torch.Tensor) -> torch.Tensor:
-        if not hasattr(tensor, "ds_id"):  # not partitioned (a buffer, or a small parameter DeepSpeed keeps whole)
+        if not hasattr(tensor, "ds_id"):  # not a ZeRO-3 parameter (a buffer, or outside the trained modules)
             return tensor.detach()
         import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
@@ -202,7 +202,8 @@ class Zero3Engine(ZeroEngine):
 
         safe_set_full_fp32_param(param, value.float())  # the fp32 master (trained parameters only)
         self._write_partition(param.ds_tensor, value)  # every rank its own part of the working copy
-        self._refresh_whole(param, value)
+        if self._held_whole(param):
+            self._copy_whole(param, value)
 
     def local(self, param: torch.nn.Parameter) -> torch.Tensor:
         return param.ds_tensor if hasattr(param, "ds_id") else param
@@ -227,16 +228,19 @@ class Zero3Engine(ZeroEngine):
             return
         with torch.no_grad():
             param.ds_tensor.copy_(tensor)
-        self._refresh_whole(param, None, tensor)
+        if self._held_whole(param):
+            self._copy_whole(param, self.full_local(param, tensor))
 
-    def _refresh_whole(self, param, value: torch.Tensor | None, part: torch.Tensor | None = None) -> None:
-        """A weight DeepSpeed holds whole right now (one under `stage3_param_persistence_threshold` elements, once
-        fetched) computes from that copy, not from its partition: bring it up to date too (`part`: gathered)."""
-        if param.data.numel() != param.ds_numel:
-            return
-        whole = value if value is not None else self.full_local(param, part)
+    @staticmethod
+    def _held_whole(param) -> bool:
+        """DeepSpeed holds this weight whole right now (one under `stage3_param_persistence_threshold` elements,
+        once fetched: the same on every rank) and computes from that copy, not from its partition."""
+        return param.data.numel() == param.ds_numel
+
+    @staticmethod
+    def _copy_whole(param, value: torch.Tensor) -> None:
         with torch.no_grad():
-            param.data.copy_(whole.to(param.device, param.dtype).view_as(param.data))
+            param.data.copy_(value.to(param.device, param.dtype).view_as(param.data))
 
     def _write_partition(self, tensor: torch.Tensor, value: torch.Tensor) -> None:
         """This rank's part of the whole `value` into `tensor`, laid out as a ZeRO-3 partition."""
