@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from uae_fast.models.captioner import Captioner, sample_token
 from uae_fast.models.kv_cache import PrefixSharedKVCache
+from uae_fast.models.sampling import PackedHead
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +185,33 @@ def test_cuda_graph_rollout_equals_the_eager_one(tiny, demo):
     cap.cuda_graphs = False
     eager = cap.sample(images, 4, max_new_tokens=24, temperature=0)
     assert torch.equal(graphed.tokens, eager.tokens) and torch.equal(graphed.lengths, eager.lengths)
+
+
+# ------------------------------------------------------------------ the LM head's packed GEMM (CPU, MKL)
+@pytest.mark.skipif(not PackedHead.available(torch.nn.Linear(4, 4, bias=False)), reason="needs torch built with MKL")
+def test_packed_head_is_the_plain_product_and_follows_the_weight():
+    """x @ W.T in fp64 (to fp32 rounding) for all rows and for fewer live rows; an in-place update of the weight
+    or another weight tensor is seen (the pack is made again), not multiplied stale."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(96, 1000, bias=False)
+    packed = PackedHead()
+
+    def expected(x):
+        return (x.double() @ head.weight.detach().double().T).float()
+
+    for n in (8, 5, 8):
+        x = torch.randn(n, 96)
+        torch.testing.assert_close(packed(head.weight, x, 8), expected(x), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        head.weight.mul_(-2.0)  # an optimizer step's in-place update
+    x = torch.randn(8, 96)
+    torch.testing.assert_close(packed(head.weight, x, 8), expected(x), rtol=1e-5, atol=1e-5)
+    head.weight = torch.nn.Parameter(torch.randn(1000, 96))  # another tensor (a loaded checkpoint)
+    torch.testing.assert_close(packed(head.weight, x[:3], 8), expected(x[:3]), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_head_only_for_a_plain_fp32_cpu_head():
+    """A biased, bf16 or LoRA-wrapped head runs as a module (the loop's other path)."""
+    assert not PackedHead.available(torch.nn.Linear(4, 4, bias=True))
+    assert not PackedHead.available(torch.nn.Linear(4, 4, bias=False).bfloat16())
+    assert not PackedHead.available(torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False)))

@@ -18,7 +18,7 @@ import torch
 
 from .kv_cache import PrefixSharedKVCache, decode_step
 
-__all__ = ["sample_token", "sample_tokens", "CudaGraphStep"]
+__all__ = ["sample_token", "sample_tokens", "CudaGraphStep", "PackedHead"]
 
 
 def sample_token(
@@ -39,12 +39,12 @@ def sample_token(
     if uniform is None:
         uniform = torch.rand((n, 1), generator=generator, device=logits.device)
     x = logits if inplace and logits.dtype == torch.float32 else logits.float().clone()
-    if temperature != 1.0:
-        x.mul_(1.0 / temperature)
-    x.sub_(x.amax(-1, keepdim=True)).exp_()  # unnormalised probabilities; masked (-inf) entries are exactly 0
     block = _block_size(vocab)
     order = None
     if top_p < 1.0 or block is None:
+        if temperature != 1.0:
+            x.mul_(1.0 / temperature)
+        x.sub_(x.amax(-1, keepdim=True)).exp_()  # unnormalised probabilities; masked (-inf) entries are exactly 0
         if top_p < 1.0:
             x, order = (x / x.sum(-1, keepdim=True)).sort(dim=-1, descending=True)
             x = x.masked_fill(x.cumsum(-1) - x > top_p, 0.0)  # smallest prefix reaching top_p
@@ -52,7 +52,7 @@ def sample_token(
         # right=True: the first entry whose cdf exceeds u, so a zero-probability entry is never chosen (even at u = 0).
         index = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).clamp_(max=vocab - 1)
         return (index if order is None else order.gather(1, index)).squeeze(-1)
-    blocks = x.view(n, -1, block).sum(-1)  # [N, V/128]
+    blocks = _unnormalised_block_sums(x, temperature, block)  # [N, V/128]; x now holds exp(x/T - max)
     cum = blocks.cumsum(-1)
     target = uniform * cum[:, -1:]
     b = torch.searchsorted(cum, target, right=True).clamp_(max=blocks.shape[1] - 1)  # [N, 1]
@@ -64,11 +64,73 @@ def sample_token(
     return (b * block + j).squeeze(-1)
 
 
+def _unnormalised_block_sums(x: torch.Tensor, temperature: float, block: int) -> torch.Tensor:
+    """In place x <- exp(x / T - rowmax) (masked -inf entries become exactly 0); returns its sums over blocks.
+
+    On a CPU the passes (scale, max, exp, block sums) go over ~1 MB of rows at a time, so a row is read from memory
+    once and then from cache: over 32 x 151,936 logits that took the sampler from 10.4 to 6.0 ms per token (one
+    thread). On CUDA one pass per operation over all rows.
+    """
+    n, vocab = x.shape
+    blocks = x.new_empty((n, vocab // block))
+    step = n if x.device.type != "cpu" else max(1, (1 << 18) // vocab)  # 2^18 floats = 1 MB
+    for lo in range(0, n, step):
+        rows = x[lo : lo + step]
+        if temperature != 1.0:
+            rows.mul_(1.0 / temperature)
+        rows.sub_(rows.amax(-1, keepdim=True)).exp_()
+        torch.sum(rows.view(len(rows), -1, block), -1, out=blocks[lo : lo + step])
+    return blocks
+
+
 def _block_size(vocab: int) -> int | None:
     for block in (128, 256, 64, 512, 32):
         if vocab % block == 0 and vocab >= 4 * block:
             return block
     return None
+
+
+class PackedHead:
+    """The LM head's GEMM for the token loop on a CPU: the fp32 weight packed once in MKL's GEMM layout.
+
+    MKL's `sgemm` re-packs the whole V x H weight into its internal layout on every call; the token loop multiplies
+    the same weight every token. `cblas_sgemm_pack` (through torch's `mkl._mkl_linear`) packs it once for a given
+    row count; the pack is kept until the weight changes (another tensor, or an in-place update seen by its version
+    counter) or the row count does. Rows past the live ones are padded with stale inputs (the product is bound by
+    reading the weight, so they cost little) and dropped from the result. Measured, one thread, V = 151,936:
+    18.6 -> 13.8 ms per token at H = 128 and 32 rows, 265 -> 176 ms at H = 2048 and 16 rows. The pack holds
+    V x (H + ~140 padding) floats while kept (1.07x the weight at H = 2048, 5x at H = 128). `available()` is False
+    (the loop then multiplies as before) without MKL, or for a head that is not a plain, bias-free fp32 Linear.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._packed: torch.Tensor | None = None
+        self._input: torch.Tensor | None = None
+
+    @staticmethod
+    def available(head) -> bool:
+        weight = getattr(head, "weight", None)
+        return (
+            type(head) is torch.nn.Linear
+            and head.bias is None
+            and weight.dtype == torch.float32
+            and weight.device.type == "cpu"
+            and torch.backends.mkl.is_available()
+            and hasattr(torch.ops.mkl, "_mkl_linear")
+        )
+
+    def __call__(self, weight: torch.Tensor, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """x [n <= rows, H] -> x @ weight.T [n, V], through a pack made for `rows` rows."""
+        key = (id(weight), weight.data_ptr(), weight._version, tuple(weight.shape), rows)
+        if key != self._key:
+            self._packed = None  # drop the old pack before making the new one
+            self._packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
+            self._input = x.new_zeros((rows, weight.shape[1]))
+            self._key = key
+        n = x.shape[0]
+        self._input[:n].copy_(x)
+        return torch.ops.mkl._mkl_linear(self._input, self._packed, weight.detach(), None, rows)[:n]
 
 
 class CudaGraphStep:
@@ -163,13 +225,11 @@ def sample_tokens(
     step = CudaGraphStep(lm, cache, hidden.shape[1], hidden.dtype, device) if graphed else None
     # 1/T folded into the head's input (n x H) instead of a pass over the n x V logits
     fold = temperature > 0 and getattr(head, "bias", None) is None
-    # a plain fp32 head writes into one buffer: no fresh [n, V] allocation (and its page faults) per token
-    plain = type(head) is torch.nn.Linear and head.bias is None and head.weight.dtype == torch.float32
-    buffer = torch.empty((rows, head.weight.shape[0]), device=device) if plain and not graphed else None
+    packed = captioner.packed_head if PackedHead.available(head) else None
     for t in range(max_new_tokens):
         x = hidden * (1.0 / temperature) if fold else hidden
-        if buffer is not None and x.dtype == torch.float32:
-            logits = torch.mm(x, head.weight.t(), out=buffer[:n])  # [n, V]
+        if packed is not None and x.dtype == torch.float32:
+            logits = packed(head.weight, x, rows)  # [n, V]
         else:
             logits = head(x).float()
         logits.index_fill_(1, banned, float("-inf"))
