@@ -311,3 +311,62 @@ def test_out_of_range_token_id_is_named(bad, train_head):
     y2[3] = 0
     loss = fused_linear_grpo_loss(h, w, y, si, b.adv, mask=mask)[0]
     torch.testing.assert_close(loss, fused_linear_grpo_loss(h, w, y2, si, b.adv, mask=mask)[0])
+
+
+# ---------------------------------------------------------------- the entropy bonus
+def test_entropy_bonus_is_the_entropy_gradient_in_expectation():
+    """Averaged over every token y the policy could sample (weights p(y), enumerated), the bonus's gradient w.r.t.
+    the logits is -c ∇H, with H = -Σ p log p differentiated exactly (fp64, autograd); the advantage part is left
+    unchanged (zero advantage here: the bonus alone)."""
+    from uae_fast.kernels.grpo_loss import per_token_loss
+
+    torch.manual_seed(0)
+    vocab, c = 7, 0.05
+    z = (torch.randn(vocab, dtype=torch.float64) * 2).requires_grad_(True)
+    logp_all = torch.log_softmax(z, -1)
+    exact_h = -(logp_all.exp() * logp_all).sum()
+    (expected,) = torch.autograd.grad(-c * exact_h, z, retain_graph=True)
+    y = torch.arange(vocab)
+    logp = logp_all[y]  # one "token" per possible outcome
+    ones = torch.ones(vocab, dtype=torch.float64)
+    loss_t, _, _ = per_token_loss(
+        logp, None, None, torch.zeros(vocab, dtype=torch.float64), ones, y, ones, beta=0.0, epsilon_low=0.2,
+        epsilon_high=0.2, importance_sampling_level="token", entropy_coef=c, entropy=exact_h.detach().expand(vocab),
+    )  # fmt: skip
+    (got,) = torch.autograd.grad((logp_all.exp().detach() * loss_t).sum(), z)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-9)
+
+
+@pytest.mark.parametrize("train_head, vocab_block", [(False, None), (False, 97), (True, None)])
+def test_entropy_bonus_in_every_path(train_head, vocab_block):
+    """Fused (frozen head, vocabulary blocks, the trainable head's single pass) = the full-logits loss plus the
+    bonus written out here (dapo: w_t = 1/N), H_t from the full softmax; and the bonus changes the gradient."""
+    b = _batch(seed=6, v=300)
+    h, y, si, _, _ = _packed(b)
+    c = 0.1
+    kw = dict(num_sequences=5, temperature=b.T, loss_type="dapo")
+    hh, ww = h.clone().requires_grad_(True), b.weight.clone().requires_grad_(train_head)
+    ours = fused_linear_grpo_loss(hh, ww, y, si, b.adv, entropy_coef=c, chunk_size=4, vocab_block=vocab_block, **kw)[0]
+    got = torch.autograd.grad(ours, [hh, ww] if train_head else [hh])
+
+    hr, wr = h.clone().requires_grad_(True), b.weight.clone().requires_grad_(train_head)
+    plain = grpo_loss_ref(hr, wr, y, si, b.adv, **kw)[0]
+    logsm = torch.log_softmax(hr @ wr.t() / b.T, -1)
+    logp = logsm.gather(1, y[:, None]).squeeze(1)
+    entropy = -(logsm.exp() * logsm).sum(-1).detach()
+    # on-policy, ratio = exp(log p − log p.detach()): each token's term −(A − c(log p + H))·ratio adds
+    # c(log p + H) to the value and c(log p + H)·∇log p to the gradient
+    shift = c * (logp.detach() + entropy)
+    without = torch.autograd.grad(plain, hr, retain_graph=True)[0]
+    expected = torch.autograd.grad(plain + (shift * logp).sum() / len(y), [hr, wr] if train_head else [hr])
+    torch.testing.assert_close(ours, plain + shift.sum() / len(y), atol=1e-6, rtol=1e-5)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(got[0], without, atol=1e-4)
+
+
+def test_negative_entropy_coef_is_named():
+    b = _batch(seed=5)
+    h, y, si, _, _ = _packed(b)
+    with pytest.raises(ValueError, match="entropy_coef"):
+        fused_linear_grpo_loss(h, b.weight, y, si, b.adv, entropy_coef=-0.1)

@@ -33,6 +33,9 @@ class GRPOLossConfig:
         default=8192, metadata={"help": "vocabulary entries per block (None = all at once: more memory)"}
     )
     compute_entropy: bool = field(default=True, metadata={"help": "compute the mean entropy metric"})
+    entropy_coef: float = field(
+        default=0.0, metadata={"help": "entropy bonus: each token's advantage gets -c (log p(y) + H); 0 = off"}
+    )
 
     def __post_init__(self):
         checks = [
@@ -46,6 +49,7 @@ class GRPOLossConfig:
                 f"scale_rewards must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}",
             ),
             (self.beta >= 0, f"beta must be >= 0, got {self.beta}"),
+            (self.entropy_coef >= 0, f"entropy_coef must be >= 0, got {self.entropy_coef}"),
             (0 <= self.epsilon < 1, f"epsilon must be in [0, 1), got {self.epsilon}"),
             (
                 self.epsilon_high is None or self.epsilon_high >= 0,

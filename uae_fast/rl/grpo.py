@@ -164,6 +164,7 @@ def grpo_loss(
         chunk_size=config.chunk_size,
         vocab_block=config.vocab_block,
         compute_entropy=config.compute_entropy,
+        entropy_coef=config.entropy_coef,
     )
 
 
