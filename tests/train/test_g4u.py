@@ -152,6 +152,20 @@ def test_all_equal_rewards_skip_the_update(tmp_path):
     assert trainer.scheduler.last_epoch == 1  # the schedule still advanced: it ends at max_steps as planned
 
 
+def test_entropy_bonus_still_updates_on_tied_groups(tmp_path):
+    """With loss.entropy_coef > 0 a tied group still has a gradient (the bonus): no sequence is skipped."""
+    trainer = make(tmp_path, "loss.entropy_coef=0.1")
+
+    def constant(out):
+        out.rewards.fill_(0.5)
+
+    trainer.reward = _EditedReward(trainer.reward, constant)
+    before = _lora_state(trainer)
+    metrics = trainer.train_step()
+    assert metrics["frac_reward_zero_std"] == 1.0 and metrics["update/sequences"] == 8
+    assert any(not torch.equal(p, before[n]) for n, p in _lora_state(trainer).items())
+
+
 def _image_folder(path, demo, bad: bool):
     path.mkdir()
     for i, image in enumerate(demo):

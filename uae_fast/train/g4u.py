@@ -140,8 +140,8 @@ class G4UTrainer(StageTrainer):
         rows = buf.prompt_id.tolist()
         completions = [torch.from_numpy(buf.sequence(i)).to(self.device) for i in range(len(buf))]
         advantages = torch.from_numpy(buf.advantage.copy()).to(self.device)
-        # A zero advantage contributes nothing but its KL term: skip those sequences when beta is 0.
-        include = (buf.advantage != 0) | (cfg.loss.beta > 0)
+        # A zero advantage contributes nothing but its KL and entropy terms: skip those sequences when both are off.
+        include = (buf.advantage != 0) | (cfg.loss.beta > 0) | (cfg.loss.entropy_coef > 0)
         # The loss is normalised by the whole batch's counts (every rank's): N ranks step as one process would.
         total_seqs, total_tokens, included = self.runtime.sum(len(completions), buf.num_tokens, int(include.sum()))
         metrics: dict[str, list] = {}
