@@ -100,6 +100,35 @@ def test_lora_adapters_round_trip(tmp_path, demo, tiny):
     assert not torch.equal(tiny.generate_tensors(CAPTIONS, **GEN), uae.generate_tensors(CAPTIONS, **GEN))
 
 
+def test_final_save_takes_each_models_state_once(tmp_path, monkeypatch):
+    """Under FSDP2 each state_dict() gathers the sharded weights: the adapter folder and the base folder of a model
+    come from one call, and hold what PEFT's own state dicts hold (adapter names as PEFT's, base without adapters)."""
+    uae = _with_adapters()
+    expected_llm_lora = {k: v for k, v in uae.encoder.lora_model.state_dict().items() if "lora_" in k}
+    expected_dit_lora = {k: v for k, v in uae.decoder.transformer.state_dict().items() if "lora_" in k}
+    models = {id(m): name for name, m in (("encoder", uae.encoder), ("llm", uae.encoder.lora_model),
+              ("dit", uae.decoder.transformer), ("dit base", uae.decoder.transformer.get_base_model()))}  # fmt: skip
+    calls, state_dict = [], torch.nn.Module.state_dict
+
+    def recording(self, *args, **kwargs):
+        if not args and "prefix" not in kwargs and id(self) in models:  # a top-level call, not the recursion
+            calls.append(models[id(self)])
+        return state_dict(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "state_dict", recording)
+    uae.save_pretrained(tmp_path / "ckpt")
+    monkeypatch.undo()
+    assert calls == ["encoder", "dit"]
+    from safetensors.torch import load_file
+
+    for sub, expected in (("llm_lora", expected_llm_lora), ("dit_lora", expected_dit_lora)):
+        saved = load_file(tmp_path / "ckpt" / sub / "adapter_model.safetensors")
+        assert len(saved) == len(expected) > 0
+        assert sorted(torch.cat([v.flatten() for v in saved.values()]).tolist()) == sorted(
+            torch.cat([v.flatten() for v in expected.values()]).tolist()
+        )
+
+
 def _write_release_shards(state: dict, folder, n: int = 3) -> None:
     """The authors' llm_lora/ format: the whole PEFT-wrapped encoder state dict in n shards."""
     folder.mkdir(parents=True)

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from ..errors import CheckpointError
 from ..io import atomic_dir
 from .decoder import TextEncoders, clip_pooled_embeds
-from .lora import base_state_dict, load_dit_lora, save_lora
+from .lora import load_dit_lora, save_lora, split_adapter_state
 
 __all__ = [
     "InferenceDefaults",
@@ -156,11 +156,12 @@ def save_components(
     out_dir = Path(out_dir)
     defaults = inference_defaults or components.inference_defaults
     encoder, transformer = components.encoder, components.transformer
-    encoder_lora = _lora_state(encoder.lora_model) if encoder.lora_model is not None else None
-    encoder_state = base_state_dict(encoder)
-    dit_lora = _lora_state(transformer) if _is_peft(transformer) else None
+    # one state_dict() per model for both its folders (under FSDP2 each call gathers the sharded weights)
+    encoder_lora, encoder_state = split_adapter_state(encoder, encoder.lora_model)
+    dit_lora, dit_state = split_adapter_state(transformer)
+    encoder_lora = encoder_lora if encoder.lora_model is not None else None
+    dit_lora = dit_lora if _is_peft(transformer) else None
     dit_base = transformer.get_base_model() if _is_peft(transformer) else transformer
-    dit_state = base_state_dict(dit_base)
     if not write:
         return out_dir
     with atomic_dir(out_dir) as tmp:
@@ -188,11 +189,6 @@ def save_components(
             meta["inference_defaults"] = defaults.to_json()
         (tmp / FORMAT_FILE).write_text(json.dumps(meta, indent=2))
     return out_dir
-
-
-def _lora_state(peft_model) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under the model's own names (what PEFT's `save_pretrained(state_dict=...)` takes)."""
-    return {k: v for k, v in peft_model.state_dict().items() if "lora_" in k or ".modules_to_save." in k}
 
 
 def _save_text_encoders(components: UAEComponents, sd3: Path) -> int:

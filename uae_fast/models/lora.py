@@ -22,6 +22,7 @@ __all__ = [
     "load_dit_lora",
     "load_release_lora",
     "base_state_dict",
+    "split_adapter_state",
     "RELEASE_LORA_RANK",
     "RELEASE_LORA_ALPHA",
 ]
@@ -43,13 +44,33 @@ def base_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     `modules_to_save` layer holds `original_module` and its trained copy), so even the "base model" of a PeftModel
     carries them; the released `llm/` and `dit/` folders must not (the adapter folder has the trained copies).
     """
-    state = {}
+    return split_adapter_state(module)[1]
+
+
+def split_adapter_state(
+    module: torch.nn.Module, adapter: torch.nn.Module | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(adapter tensors, base weights) from **one** `module.state_dict()`: under FSDP2 every call gathers all
+    sharded weights, so the final save takes the state once for both folders.
+
+    The adapter tensors (`lora_*`, trained `modules_to_save` copies) are named as `adapter.state_dict()` names them
+    — `adapter` is the PEFT model inside `module` (or `module` itself, the default) — which is what PEFT's
+    `save_pretrained(state_dict=...)` takes; the base weights as :func:`base_state_dict` describes.
+    """
+    prefix = ""
+    if adapter is not None and adapter is not module:
+        prefix = next((name + "." for name, m in module.named_modules() if m is adapter), None)
+        if prefix is None:
+            raise ValueError("the adapter is not a submodule of the module")
+    lora, base = {}, {}
     for key, tensor in module.state_dict().items():
         if "lora_" in key or ".modules_to_save." in key:
+            if key.startswith(prefix):
+                lora[key[len(prefix) :]] = tensor
             continue
         key = key.replace("base_model.model.", "").replace(".base_layer", "").replace(".original_module", "")
-        state[key] = tensor
-    return state
+        base[key] = tensor
+    return lora, base
 
 
 def _canonical(key: str) -> str:
