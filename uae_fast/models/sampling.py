@@ -104,8 +104,10 @@ class PackedHead:
     """
 
     def __init__(self) -> None:
-        self._key: tuple | None = None
+        # the packed tensor, and what it was made from: the weight itself (held, so its identity cannot pass to a new
+        # tensor), its version counter and the row count
         self._packed: torch.Tensor | None = None
+        self._made_from: tuple | None = None
         self._input: torch.Tensor | None = None
 
     @staticmethod
@@ -122,12 +124,12 @@ class PackedHead:
 
     def __call__(self, weight: torch.Tensor, x: torch.Tensor, rows: int) -> torch.Tensor:
         """x [n <= rows, H] -> x @ weight.T [n, V], through a pack made for `rows` rows."""
-        key = (id(weight), weight.data_ptr(), weight._version, tuple(weight.shape), rows)
-        if key != self._key:
-            self._packed = None  # drop the old pack before making the new one
+        made = self._made_from
+        if made is None or made[0] is not weight or made[1] != weight._version or made[2] != rows:
+            self._packed = self._made_from = None  # drop the old pack before making the new one
             self._packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
             self._input = x.new_zeros((rows, weight.shape[1]))
-            self._key = key
+            self._made_from = (weight, weight._version, rows)
         n = x.shape[0]
         self._input[:n].copy_(x)
         return torch.ops.mkl._mkl_linear(self._input, self._packed, weight.detach(), None, rows)[:n]
