@@ -21,7 +21,6 @@ __all__ = [
     "load_encoder_lora",
     "load_dit_lora",
     "load_release_lora",
-    "base_state_dict",
     "split_adapter_state",
     "RELEASE_LORA_RANK",
     "RELEASE_LORA_ALPHA",
@@ -37,16 +36,6 @@ def save_lora(peft_model, path: Path, state_dict: dict[str, torch.Tensor] | None
     peft_model.save_pretrained(str(path), safe_serialization=True, state_dict=state_dict)
 
 
-def base_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The module's weights without its LoRA adapters, under the names the un-adapted model has.
-
-    PEFT injects adapters in place (`q_proj` becomes a wrapper holding `base_layer` and `lora_A/B`; a trained
-    `modules_to_save` layer holds `original_module` and its trained copy), so even the "base model" of a PeftModel
-    carries them; the released `llm/` and `dit/` folders must not (the adapter folder has the trained copies).
-    """
-    return split_adapter_state(module)[1]
-
-
 def split_adapter_state(
     module: torch.nn.Module, adapter: torch.nn.Module | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -55,7 +44,10 @@ def split_adapter_state(
 
     The adapter tensors (`lora_*`, trained `modules_to_save` copies) are named as `adapter.state_dict()` names them
     — `adapter` is the PEFT model inside `module` (or `module` itself, the default) — which is what PEFT's
-    `save_pretrained(state_dict=...)` takes; the base weights as :func:`base_state_dict` describes.
+    `save_pretrained(state_dict=...)` takes. The base weights are the module's without its adapters, under the
+    names the un-adapted model has: PEFT injects adapters in place (`q_proj` becomes a wrapper holding `base_layer`
+    and `lora_A/B`; a trained `modules_to_save` layer holds `original_module` and its trained copy), so even the
+    "base model" of a PeftModel carries them, and the released `llm/` and `dit/` folders must not.
     """
     prefix = ""
     if adapter is not None and adapter is not module:
