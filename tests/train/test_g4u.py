@@ -138,15 +138,20 @@ def test_nan_rewards_are_masked_and_counted(tmp_path):
     assert metrics["reward/invalid"] == 3 and torch.isfinite(torch.tensor(metrics["loss"]))
 
 
-def test_all_equal_rewards_skip_the_update(tmp_path):
-    trainer = make(tmp_path)
+def _step_with_tied_rewards(trainer):
+    """One step whose every reward is 0.5 (all groups tied): (the adapters before it, its metrics)."""
 
     def constant(out):
         out.rewards.fill_(0.5)
 
     trainer.reward = _EditedReward(trainer.reward, constant)
     before = _lora_state(trainer)
-    metrics = trainer.train_step()
+    return before, trainer.train_step()
+
+
+def test_all_equal_rewards_skip_the_update(tmp_path):
+    trainer = make(tmp_path)
+    before, metrics = _step_with_tied_rewards(trainer)
     assert metrics["frac_reward_zero_std"] == 1.0 and metrics["update/sequences"] == 0
     assert all(torch.equal(p, before[n]) for n, p in _lora_state(trainer).items())
     assert trainer.scheduler.last_epoch == 1  # the schedule still advanced: it ends at max_steps as planned
@@ -155,13 +160,7 @@ def test_all_equal_rewards_skip_the_update(tmp_path):
 def test_entropy_bonus_still_updates_on_tied_groups(tmp_path):
     """With loss.entropy_coef > 0 a tied group still has a gradient (the bonus): no sequence is skipped."""
     trainer = make(tmp_path, "loss.entropy_coef=0.1")
-
-    def constant(out):
-        out.rewards.fill_(0.5)
-
-    trainer.reward = _EditedReward(trainer.reward, constant)
-    before = _lora_state(trainer)
-    metrics = trainer.train_step()
+    before, metrics = _step_with_tied_rewards(trainer)
     assert metrics["frac_reward_zero_std"] == 1.0 and metrics["update/sequences"] == 8
     assert any(not torch.equal(p, before[n]) for n, p in _lora_state(trainer).items())
 
