@@ -19,7 +19,9 @@ vocabulary 151,936) with 2 layers and the same small vision tower; `tiny` is the
 random, so captions mostly run to --max-tokens; tokens/s counts the tokens actually sampled (end token included).
 Peak memory: what one more call of each row adds to the process's resident memory after the timed rounds (VmHWM
 after − VmRSS before; glibc is then told to return large freed blocks to the system, so each call starts from the
-same base — the timed rounds run with glibc's defaults).
+same base — the timed rounds run with glibc's defaults). The model is frozen, as stage 2a's LoRA-trained captioner
+is: on a CPU our rollout keeps the LM head's MKL pack between calls (made in the warm-up round, not in this column;
+see `PackedHead`).
 
     python benchmarks/bench_rollout.py            # both shapes, B=4 x G=8, 32 new tokens, 5 repeats (~15 min)
     python benchmarks/bench_rollout.py --quick    # B=2 x G=4, 8 new tokens, 2 repeats (~3 min; the tiny shape ~20 s)
@@ -191,7 +193,9 @@ def _child(args) -> None:
     torch.set_num_threads(args.threads)
     _quiet()
     encoder, processor = build(args.child, args.seed)
-    encoder.to(device=args.device, dtype=getattr(torch, args.dtype))
+    # frozen, as stage 2a's captioner is under LoRA (its base and LM head): a frozen head's CPU pack is kept between
+    # rollouts, a trained one is packed per rollout (see `PackedHead`)
+    encoder.requires_grad_(False).to(device=args.device, dtype=getattr(torch, args.dtype))
     cuda = args.device == "cuda"
     images = source_images(args.images, args.size)
     runs = variants(encoder, processor, images, args.generations, args.max_tokens, args.before, args.device)

@@ -210,6 +210,26 @@ def test_packed_head_is_the_plain_product_and_follows_the_weight():
     torch.testing.assert_close(packed(head.weight, x[:3], 8), expected(x[:3]), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not PackedHead.available(torch.nn.Linear(4, 4, bias=False)), reason="needs torch built with MKL")
+def test_a_trained_head_is_packed_per_rollout_a_frozen_one_kept(tiny, demo):
+    """A trained head may change between rollouts unseen by its version counter (ZeRO-3 / FSDP2 gathers): its pack
+    is dropped after each rollout; a frozen head's is kept for the next. Same tokens either way."""
+    cap = Captioner(tiny.encoder, tiny.processor)
+    weight = cap.encoder.lm_head.weight
+    images = cap.encode_images(demo[:2])
+    was = weight.requires_grad
+    try:
+        out = {}
+        for trained in (True, False):
+            weight.requires_grad_(trained)
+            gen = torch.Generator().manual_seed(4)
+            out[trained] = cap.sample(images, 3, max_new_tokens=6, temperature=1.0, generator=gen).tokens
+            assert cap.packed_head.held is not trained
+    finally:
+        weight.requires_grad_(was)
+    assert torch.equal(out[True], out[False])
+
+
 def test_packed_head_only_for_a_plain_fp32_cpu_head():
     """A biased, bf16 or LoRA-wrapped head runs as a module (the loop's other path)."""
     assert not PackedHead.available(torch.nn.Linear(4, 4, bias=True))
