@@ -213,7 +213,8 @@ def test_packed_head_is_the_plain_product_and_follows_the_weight():
 @pytest.mark.skipif(not PackedHead.available(torch.nn.Linear(4, 4, bias=False)), reason="needs torch built with MKL")
 def test_a_trained_head_is_packed_per_rollout_a_frozen_one_kept(tiny, demo):
     """A trained head may change between rollouts unseen by its version counter (ZeRO-3 / FSDP2 gathers): its pack
-    is dropped after each rollout; a frozen head's is kept for the next. Same tokens either way."""
+    is dropped after each rollout; a frozen head's is kept for the next — one pack per weight, whichever captioner
+    samples. Same tokens either way."""
     cap = Captioner(tiny.encoder, tiny.processor)
     weight = cap.encoder.lm_head.weight
     images = cap.encode_images(demo[:2])
@@ -224,10 +225,13 @@ def test_a_trained_head_is_packed_per_rollout_a_frozen_one_kept(tiny, demo):
             weight.requires_grad_(trained)
             gen = torch.Generator().manual_seed(4)
             out[trained] = cap.sample(images, 3, max_new_tokens=6, temperature=1.0, generator=gen).tokens
-            assert cap.packed_head.held is not trained
+            assert PackedHead.of(weight).held is not trained
+        other = Captioner(tiny.encoder, tiny.processor)  # a second captioner over the same weight: the same pack
+        again = other.sample(images, 3, max_new_tokens=6, temperature=1.0, generator=torch.Generator().manual_seed(4))
+        assert PackedHead.of(weight) is PackedHead.of(cap.encoder.lm_head.weight) and PackedHead.of(weight).held
     finally:
         weight.requires_grad_(was)
-    assert torch.equal(out[True], out[False])
+    assert torch.equal(out[True], out[False]) and torch.equal(again.tokens, out[False])
 
 
 def test_packed_head_only_for_a_plain_fp32_cpu_head():

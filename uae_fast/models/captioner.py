@@ -25,7 +25,7 @@ from ..data.preprocess import qwen_preprocess, qwen_preprocess_bytes
 from ..errors import ConfigError
 from .encoder import CAPTION_PROMPT, caption_messages, special_token_ids_to_suppress
 from .kv_cache import PrefixSharedKVCache, check_decoder
-from .sampling import PackedHead, sample_token, sample_tokens
+from .sampling import sample_token, sample_tokens
 
 __all__ = ["Captioner", "ImageBatch", "Completions", "DEFAULT_CAPTION_BATCH", "sample_token"]
 
@@ -101,7 +101,6 @@ class Captioner:
         self.images_encoded = 0  # vision-tower passes, per image (tests check: once per group)
         self.cuda_graphs = True  # on CUDA, replay the decode step as a CUDA graph
         self.cuda_dtype = torch.bfloat16  # on CUDA, autocast an fp32 model's rollout to this dtype (None: off)
-        self.packed_head = PackedHead()  # on a CPU, the LM head's weight packed for MKL, kept between rollouts
         check_decoder(self.vl.language_model)
 
     @property

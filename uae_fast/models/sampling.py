@@ -13,8 +13,10 @@ there are few graphs) and replayed; on a CPU the same step runs eagerly, attendi
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .kv_cache import PrefixSharedKVCache, decode_step
 
@@ -90,27 +92,40 @@ def _block_size(vocab: int) -> int | None:
     return None
 
 
+# weight -> its PackedHead (`PackedHead.of`), by identity (tensors compare elementwise), not keeping the weight alive
+_PACKS = WeakIdKeyDictionary()
+
+
 class PackedHead:
     """The LM head's GEMM for the token loop on a CPU: the fp32 weight packed once in MKL's GEMM layout.
 
     MKL's `sgemm` re-packs the whole V x H weight into its internal layout on every call; the token loop multiplies
     the same weight every token. `cblas_sgemm_pack` (through torch's `mkl._mkl_linear`) packs it once for a given
-    row count; for a frozen weight the pack is kept across rollouts until the weight changes (another tensor, new
-    storage, or an in-place update seen by its version counter) or the row count does, and a trained weight is
-    packed once per rollout (`release` after it: ZeRO-3 and FSDP2 gather it into buffers whose writes its version
-    counter may not show). Rows past the live ones are padded with stale inputs (the product is bound by
-    reading the weight, so they cost little) and dropped from the result. Measured, one thread, V = 151,936:
-    18.6 -> 13.8 ms per token at H = 128 and 32 rows, 265 -> 176 ms at H = 2048 and 16 rows. The pack holds
-    V x (H + ~140 padding) floats while kept (1.07x the weight at H = 2048, 5x at H = 128). `available()` is False
-    (the loop then multiplies as before) without MKL, or for a head that is not a plain, bias-free fp32 Linear.
+    row count. A frozen weight's pack (one per weight: `of`) is kept across rollouts until the weight changes
+    (another tensor, new storage, or an in-place update seen by its version counter) or the row count does; a
+    trained weight is packed once per rollout (`release` after it: ZeRO-3 and FSDP2 gather it into buffers whose
+    writes its version counter may not show). Rows past the live ones are padded with stale inputs (the product is
+    bound by reading the weight, so they cost little) and dropped from the result. Measured, one thread,
+    V = 151,936: 18.6 -> 13.8 ms per token at H = 128 and 32 rows, 265 -> 176 ms at H = 2048 and 16 rows. The pack
+    holds V x (H + ~140 padding) floats while kept (1.07x the weight at H = 2048, 5x at H = 128). `available()` is
+    False (the loop then multiplies as before) without MKL, or for a head that is not a plain, bias-free fp32 Linear.
     """
 
     def __init__(self) -> None:
-        # the packed tensor, and what it was made from: the weight itself (held, so its identity cannot pass to a new
-        # tensor), its version counter, its storage and the row count
+        # the packed tensor, and what it was made from: the weight (a weak reference: a dead one never matches a new
+        # tensor, and the pack does not keep it alive), its version counter, its storage and the row count
         self._packed: torch.Tensor | None = None
         self._made_from: tuple | None = None
         self._input: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, weight: torch.Tensor) -> PackedHead:
+        """The one `PackedHead` of `weight` in this process, shared by every captioner over it (the UAE's and the
+        trainer's policy): one pack held per weight, not one per captioner."""
+        pack = _PACKS.get(weight)
+        if pack is None:
+            pack = _PACKS[weight] = cls()
+        return pack
 
     @staticmethod
     def available(head) -> bool:
@@ -126,9 +141,9 @@ class PackedHead:
 
     def __call__(self, weight: torch.Tensor, x: torch.Tensor, rows: int) -> torch.Tensor:
         """x [n <= rows, H] -> x @ weight.T [n, V], through a pack made for `rows` rows."""
-        made = (weight, weight._version, weight.data_ptr(), rows)
+        made = (weakref.ref(weight), weight._version, weight.data_ptr(), rows)
         old = self._made_from
-        if old is None or old[0] is not weight or old[1:] != made[1:]:
+        if old is None or old[0]() is not weight or old[1:] != made[1:]:
             self.release()  # drop the old pack before making the new one
             self._packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
             self._input = x.new_zeros((rows, weight.shape[1]))
@@ -238,7 +253,7 @@ def sample_tokens(
     step = CudaGraphStep(lm, cache, hidden.shape[1], hidden.dtype, device) if graphed else None
     # 1/T folded into the head's input (n x H) instead of a pass over the n x V logits
     fold = temperature > 0 and getattr(head, "bias", None) is None
-    packed = captioner.packed_head if PackedHead.available(head) else None
+    packed = PackedHead.of(head.weight) if PackedHead.available(head) else None
     for t in range(max_new_tokens):
         x = hidden * (1.0 / temperature) if fold else hidden
         if packed is not None and x.dtype == torch.float32:
