@@ -44,9 +44,7 @@ def sample_token(
     block = _block_size(vocab)
     order = None
     if top_p < 1.0 or block is None:
-        if temperature != 1.0:
-            x.mul_(1.0 / temperature)
-        x.sub_(x.amax(-1, keepdim=True)).exp_()  # unnormalised probabilities; masked (-inf) entries are exactly 0
+        _exp_shifted_(x, temperature)
         if top_p < 1.0:
             x, order = (x / x.sum(-1, keepdim=True)).sort(dim=-1, descending=True)
             x = x.masked_fill(x.cumsum(-1) - x > top_p, 0.0)  # smallest prefix reaching top_p
@@ -66,8 +64,15 @@ def sample_token(
     return (b * block + j).squeeze(-1)
 
 
+def _exp_shifted_(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """In place x <- exp(x / T - rowmax): unnormalised probabilities; masked (-inf) entries become exactly 0."""
+    if temperature != 1.0:
+        x.mul_(1.0 / temperature)
+    return x.sub_(x.amax(-1, keepdim=True)).exp_()
+
+
 def _unnormalised_block_sums(x: torch.Tensor, temperature: float, block: int) -> torch.Tensor:
-    """In place x <- exp(x / T - rowmax) (masked -inf entries become exactly 0); returns its sums over blocks.
+    """`_exp_shifted_` of x in place; returns its sums over blocks of `block` entries.
 
     On a CPU the passes (scale, max, exp, block sums) go over ~1 MB of rows at a time, so a row is read from memory
     once and then from cache: over 32 x 151,936 logits that took the sampler from 10.4 to 6.0 ms per token (one
@@ -77,10 +82,7 @@ def _unnormalised_block_sums(x: torch.Tensor, temperature: float, block: int) ->
     blocks = x.new_empty((n, vocab // block))
     step = n if x.device.type != "cpu" else max(1, (1 << 18) // vocab)  # 2^18 floats = 1 MB
     for lo in range(0, n, step):
-        rows = x[lo : lo + step]
-        if temperature != 1.0:
-            rows.mul_(1.0 / temperature)
-        rows.sub_(rows.amax(-1, keepdim=True)).exp_()
+        rows = _exp_shifted_(x[lo : lo + step], temperature)
         torch.sum(rows.view(len(rows), -1, block), -1, out=blocks[lo : lo + step])
     return blocks
 
