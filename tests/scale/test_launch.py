@@ -186,14 +186,16 @@ def test_g4u_resumes_on_two_processes_from_one(tmp_path, launch, one_process, en
 
 
 @pytest.mark.parametrize(
-    "stage, engine", [("u4g", "zero2"), ("u4g", "zero3"), ("unified", "fsdp2"), ("cold_start", "fsdp2")]
+    "stage, engine",
+    [("u4g", "zero2"), ("u4g", "zero3"), ("unified", "fsdp2"), ("cold_start", "fsdp2"), ("cold_start", "zero3")],
 )
 def test_stage_2b_the_unified_schedule_and_the_cold_start_on_two_processes_train_as_one(
     tmp_path, launch, one_process, stage, engine
 ):
     """Stage 2b's SDE noise is drawn per render from its place in the whole batch, so its rollouts match; the
     unified schedule's stage that is not training sees the other's model whole; the cold start's reconstructions
-    (greedy captions: sampled ones are drawn per rank) backpropagate through sharded blocks."""
+    (greedy captions: sampled ones are drawn per rank) backpropagate through sharded blocks into both adapters —
+    under zero3 one DeepSpeed engine over the two optimizers."""
     steps = 2 if stage == "unified" else 1  # unified: a 2a step, then a 2b step
     engine_args = zero3_everything(tmp_path) if engine == "zero3" else [f"distributed.engine={engine}"]
     args = [*{"u4g": U4G, "unified": UNIFIED, "cold_start": COLD_START}[stage], f"max_steps={steps}", *engine_args]

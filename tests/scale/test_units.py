@@ -30,6 +30,40 @@ def test_clip_grad_norm_matches_torch(max_norm):
         torch.testing.assert_close(p.grad, r.grad, rtol=1e-6, atol=0)
 
 
+@pytest.mark.filterwarnings("error")  # a part's schedule must not think its optimizer never stepped
+def test_a_joint_optimizer_steps_as_its_parts_each_on_its_own_schedule():
+    """DeepSpeed takes one optimizer: the cold start's two become one over their param groups, and each part's LR
+    schedule (here two different ones) must still set the learning rate the joint optimizer steps with."""
+    from uae_fast.dist.zero import _joint
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)
+    twins = [torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)]
+    for twin, model in zip(twins, (a, b)):
+        twin.load_state_dict(model.state_dict())
+    parts = [torch.optim.AdamW(m.parameters(), lr=0.1) for m in (a, b)]
+    refs = [torch.optim.AdamW(m.parameters(), lr=0.1) for m in twins]
+    joint = _joint(parts)
+    decays = (lambda step: 0.5**step, lambda step: 1.0 / (1 + step))
+    schedules = [torch.optim.lr_scheduler.LambdaLR(o, f) for o, f in zip(parts, decays)]
+    ref_schedules = [torch.optim.lr_scheduler.LambdaLR(o, f) for o, f in zip(refs, decays)]
+    x = torch.randn(8, 4)
+    for _ in range(3):
+        b(a(x)).pow(2).mean().backward()
+        joint.step()
+        joint.zero_grad()
+        twins[1](twins[0](x)).pow(2).mean().backward()
+        for optimizer in refs:
+            optimizer.step()
+            optimizer.zero_grad()
+        for schedule in [*schedules, *ref_schedules]:
+            schedule.step()
+    for model, twin in zip((a, b), twins):
+        for p, q in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=0)
+    assert [g["lr"] for g in joint.param_groups] == pytest.approx([0.1 * 0.5**3, 0.1 / 4])
+
+
 def test_one_process_engine_backward_and_step_are_plain_training():
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
@@ -37,7 +71,7 @@ def test_one_process_engine_backward_and_step_are_plain_training():
     twin.load_state_dict(model.state_dict())
     engine = Engine(Runtime())
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    engine.attach([model], optimizer, max_grad_norm=1.0)
+    engine.attach([model], [optimizer], max_grad_norm=1.0)
     reference = torch.optim.AdamW(twin.parameters(), lr=0.1)
     x = torch.randn(8, 4)
     engine.backward(model(x).pow(2).mean())

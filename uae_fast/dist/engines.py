@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.utils.checkpoint
 
 from ..errors import ConfigError
 from ..train.settings import ENGINES
@@ -44,10 +45,13 @@ class Engine:
     def shard(self, modules: list[torch.nn.Module]) -> None:
         """Place `modules` (those holding the trained parameters) on the ranks; before the optimizer is built."""
 
-    def attach(self, modules: list[torch.nn.Module], optimizer: torch.optim.Optimizer, max_grad_norm: float):
-        """Take charge of `optimizer` over the trainable parameters of `modules` (a stage may attach several)."""
-        self.params = self.params + [p for group in optimizer.param_groups for p in group["params"]]
-        self.optimizers = self.optimizers + [optimizer]
+    def attach(self, modules: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer], max_grad_norm: float):
+        """Take charge of `optimizers` over the trainable parameters of `modules` (every optimizer of the stage, in
+        one call: their steps are one step, clipped at one global norm)."""
+        if self.optimizers:
+            raise RuntimeError(f"the {self.name} engine already holds its stage's optimizers")
+        self.optimizers = list(optimizers)
+        self.params = [p for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]]
         self.max_grad_norm = max_grad_norm
 
     # ------------------------------------------------------------------ a step
@@ -92,6 +96,11 @@ class Engine:
             n = p.grad.numel()
             p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
             offset += n
+
+    def checkpoint(self, function, *args):
+        """`function(*args)` with its activations recomputed in the backward instead of kept (activation
+        checkpointing the way this engine supports it)."""
+        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
 
     # ------------------------------------------------------------------ whole weights
     def gathered(self):

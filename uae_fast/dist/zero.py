@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 
 from ..errors import ConfigError
 from .engines import Engine
@@ -52,32 +53,34 @@ def deepspeed_config(settings, *, stage: int, max_grad_norm: float) -> dict:
 
 
 class ZeroEngine(Engine):
-    """DeepSpeed ZeRO-2 over one optimizer's parameters (the trained modules of one stage)."""
+    """DeepSpeed ZeRO-2 over the trained modules of one stage (its optimizers stepped as one)."""
 
     name = "zero2"
     stage = 2
     lockstep = True  # gradients are reduced in every backward
 
-    def attach(self, modules, optimizer, max_grad_norm: float):
+    def attach(self, modules, optimizers, max_grad_norm: float):
         try:
             import deepspeed
         except ImportError:
             raise ConfigError(f"distributed.engine={self.name} needs DeepSpeed: pip install 'uae-fast[deepspeed]'") from None
-        super().attach(modules, optimizer, max_grad_norm)
+        super().attach(modules, optimizers, max_grad_norm)
+        # DeepSpeed swaps its flat partitions into the optimizer's groups: keep each optimizer's own parameters.
+        self.params_of = {id(opt): [p for group in opt.param_groups for p in group["params"]] for opt in optimizers}
         config = deepspeed_config(self.settings, stage=self.stage, max_grad_norm=max_grad_norm)
         self.holder = torch.nn.ModuleList(modules)  # DeepSpeed finds the trained parameters through one module
-        self.engine, self.zero_optimizer, _, _ = deepspeed.initialize(
-            model=self.holder, optimizer=optimizer, config=config
-        )
-        self.optimizer = optimizer
+        # DeepSpeed takes one optimizer: several (the cold start's two adapters) become one over all their groups —
+        # the same group dicts, so each LR schedule still sets its own groups' learning rate.
+        (inner,) = optimizers if len(optimizers) == 1 else [_joint(optimizers)]
+        self.engine, self.zero_optimizer, _, _ = deepspeed.initialize(model=self.holder, optimizer=inner, config=config)
 
     def backward(self, loss: torch.Tensor, *, last: bool = True) -> None:
         self.engine.set_gradient_accumulation_boundary(last)
         self.engine.backward(loss * self.runtime.world_size)
 
     def step(self, optimizers) -> float:
-        if optimizers != [self.optimizer]:
-            raise ConfigError(f"distributed.engine={self.name} trains one optimizer per stage; use ddp or fsdp2 here")
+        if {id(o) for o in optimizers} != {id(o) for o in self.optimizers}:  # DeepSpeed steps them all as one
+            raise RuntimeError(f"distributed.engine={self.name} steps every optimizer it holds at once")
         self.engine.set_gradient_accumulation_boundary(True)
         self.engine.step()  # clips at gradient_clipping, steps, clears the gradients
         norm = self.engine.get_global_grad_norm()
@@ -88,14 +91,14 @@ class ZeroEngine(Engine):
 
         state = {}
         step = self._step_count()
-        for index, p in enumerate(self.params):
+        for index, p in enumerate(self.params_of[id(optimizer)]):
             full = {key: safe_get_full_optimizer_state(p, key) for key in _ADAM_STATE}
             if step is not None:
                 state[index] = {"step": torch.tensor(float(step)), **{k: v.detach().cpu() for k, v in full.items()}}
         # The inner optimizer's groups hold DeepSpeed's flat partitions now: describe the original parameters instead.
         (group,) = optimizer.param_groups  # (its state_dict() no longer maps: ZeRO-3 replaced the tensors)
         settings = {k: v for k, v in group.items() if k != "params"}
-        return {"state": state, "param_groups": [{**settings, "params": list(range(len(self.params)))}]}
+        return {"state": state, "param_groups": [{**settings, "params": list(range(len(state)))}]}
 
     def load(self, param: torch.nn.Parameter, value: torch.Tensor) -> None:
         from deepspeed.utils import safe_set_full_fp32_param
@@ -106,7 +109,7 @@ class ZeroEngine(Engine):
     def load_optimizer_state(self, optimizer, state: dict) -> None:
         from deepspeed.utils import safe_set_full_optimizer_state
 
-        restored = [self.full(p).clone() for p in self.params]
+        restored = [self.full(p).clone() for p in self.params]  # every optimizer's: the warm step moves them all
         if self._step_count() is None:  # DeepSpeed creates its optimizer state at the first step: one with zero grads
             with self.direct_use(self.params):
                 self.backward(sum(p.sum() for p in self.params) * 0.0)
@@ -114,8 +117,9 @@ class ZeroEngine(Engine):
             self.engine.step()
         for p, weights in zip(self.params, restored):  # the warm step's weight decay moved them: restore
             self.load(p, weights)
+        params = self.params_of[id(optimizer)]
         for index, per_param in state["state"].items():
-            p = self.params[int(index)]
+            p = params[int(index)]
             for key in _ADAM_STATE:
                 safe_set_full_optimizer_state(p, per_param[key].float(), key)
         steps = {float(s["step"]) for s in state["state"].values()}
@@ -176,6 +180,14 @@ class Zero3Engine(ZeroEngine):
 
     def whole_state_dicts(self):
         return self.gathered()
+
+    def checkpoint(self, function, *args):
+        # torch's checkpoint holds on to the frozen weights the forward used, and ZeRO-3 partitions them again after
+        # the recompute's forward, so its shape check finds them empty (DeepSpeed defers that release only for a
+        # recompute that starts inside a hooked module's backward). The values are right: each module's backward
+        # gathers its weights first. The reentrant checkpoint is no way out: its backward per region hands ZeRO-3
+        # a weight's gradient once per sampler step, which its reduction buckets refuse.
+        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, determinism_check="none")
 
     def direct_use(self, params: list[torch.nn.Parameter]):
         import deepspeed
@@ -249,3 +261,19 @@ class Zero3Engine(ZeroEngine):
         with torch.no_grad():
             tensor.zero_()
             tensor[: len(piece)].copy_(piece.to(tensor.device, tensor.dtype))
+
+
+def _joint(optimizers: list[torch.optim.Optimizer]) -> torch.optim.Optimizer:
+    """One optimizer of the same class over the param groups of all of `optimizers` (the group dicts themselves,
+    not copies: a scheduler of one of them still sets the learning rate that the joint one steps with)."""
+    groups = [group for optimizer in optimizers for group in optimizer.param_groups]
+    joint = type(optimizers[0])(groups)
+    if not all(a is b for a, b in zip(joint.param_groups, groups)):
+        raise RuntimeError(f"{type(joint).__name__} copied its param groups: the LR schedules would not reach it")
+
+    def mark_parts_stepped(*_):  # each part's LR schedule warns unless its optimizer stepped (torch's flag)
+        for part in optimizers:
+            part._opt_called = True
+
+    joint.register_step_post_hook(mark_parts_stepped)
+    return joint

@@ -20,7 +20,6 @@ import statistics
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError, UAEError
 from ..models.decoder import ode_step
@@ -71,16 +70,9 @@ class ColdStartTrainer(StageTrainer):
         self.negative = None
         self.eval_set: list[TrainImage] | None = None
         updates = config.max_steps if steps is None else steps
-        self.pairs = {}
-        engine = config.distributed.engine
-        if engine in ("zero2", "zero3") and self.runtime.distributed and len(self.adapters()) > 1:
-            raise ConfigError(
-                f"distributed.engine={engine} trains one optimizer per stage; the cold start trains both adapters: "
-                "use ddp or fsdp2, or set cold_start.train_encoder=false"
-            )
-        for name, model in self.adapters().items():
-            self.build_optimizer([model], learning_rate=s.learning_rate, updates=updates)
-            self.pairs[name] = (self.optimizer, self.scheduler)
+        self.pairs = self.build_optimizers(
+            {name: [model] for name, model in self.adapters().items()}, learning_rate=s.learning_rate, updates=updates
+        )
 
     def adapters(self) -> dict:
         s = self.config.cold_start
@@ -155,7 +147,7 @@ class ColdStartTrainer(StageTrainer):
         x = noise.to(torch.promote_types(noise.dtype, torch.float32))  # the trajectory in fp32 (see ode_step)
         for j in range(s.num_steps):
             args = (x, sigmas[j], sigmas[j + 1], *cond)
-            x = checkpoint(self._euler_step, *args, use_reentrant=False) if checkpointed else self._euler_step(*args)
+            x = self.engine.checkpoint(self._euler_step, *args) if checkpointed else self._euler_step(*args)
         return x
 
     def reconstruct(self, captions: list[str], seeds: list[int], *, checkpointed: bool | None = None) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The run loop every stage shares: run folder, resume, steps, logging, checkpoints, the final outputs.
 
 A stage's trainer subclasses :class:`StageTrainer` and says only what is its own: how it is built (:meth:`setup` gives
-the config, model, device, reward and images; :meth:`build_optimizer` the optimizer and schedule), what one step does
+the config, model, device, reward and images; :meth:`build_optimizer` the optimizer and schedule, or
+:meth:`build_optimizers` one per adapter), what one step does
 (:meth:`train_step`), which adapters it trains (:meth:`adapters`, saved in the released layout, and
 :meth:`optimizers`, their optimizers) and, for the run's report, :meth:`report_columns`; :meth:`finish` writes the
 final model and the report.
@@ -149,16 +150,32 @@ class StageTrainer:
         return dataclasses.replace(stats, advantages=whole)
 
     def build_optimizer(self, modules: list[torch.nn.Module], *, learning_rate: float, updates: int) -> None:
-        """Place `modules` (those holding the trained parameters) on the ranks with the run's engine, then AdamW
-        over their trainable parameters and the warmup + constant/linear/cosine schedule over `updates` steps."""
+        """:meth:`build_optimizers` for a stage with one optimizer: `self.optimizer` and `self.scheduler`."""
+        pairs = self.build_optimizers({"": modules}, learning_rate=learning_rate, updates=updates)
+        ((self.optimizer, self.scheduler),) = pairs.values()
+
+    def build_optimizers(self, named: dict[str, list[torch.nn.Module]], *, learning_rate: float, updates: int) -> dict:
+        """Place every module of `named` (those holding the trained parameters) on the ranks with the run's engine,
+        then per name an AdamW over its modules' trainable parameters and the warmup + constant/linear/cosine
+        schedule over `updates` steps. The engine takes charge of all of them at once (DeepSpeed builds one engine
+        over them). Returns name → (optimizer, scheduler)."""
         cfg = self.config
+        modules = [module for group in named.values() for module in group]
         self.engine.shard(modules)
-        params = [p for module in modules for p in module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            params, lr=learning_rate, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay
-        )
-        self.engine.attach(modules, self.optimizer, cfg.max_grad_norm)
-        self.scheduler = make_scheduler(self.optimizer, warmup=cfg.warmup_steps, total=updates, kind=cfg.lr_scheduler)
+        optimizers = {
+            name: torch.optim.AdamW(
+                [p for module in group for p in module.parameters() if p.requires_grad],
+                lr=learning_rate,
+                betas=tuple(cfg.adam_betas),
+                weight_decay=cfg.weight_decay,
+            )
+            for name, group in named.items()
+        }
+        self.engine.attach(modules, list(optimizers.values()), cfg.max_grad_norm)
+        return {
+            name: (opt, make_scheduler(opt, warmup=cfg.warmup_steps, total=updates, kind=cfg.lr_scheduler))
+            for name, opt in optimizers.items()
+        }
 
     def backward(self, loss: torch.Tensor, *, last: bool = True) -> None:
         """Backward of this rank's share of the global batch's loss (`last`: the step's final pass)."""
