@@ -76,7 +76,13 @@ def test_engine_arithmetic(plan, counts):
     assert g4u["zero3"]["trained"] == pytest.approx(g4u["ddp"]["trained"] / 8)
     replicated = counts["sd3.5-large-dit"] + counts["dit_buffers"] + counts["sd3-vae"] + counts["rewards"]
     assert g4u["ddp"]["frozen"] == pytest.approx((replicated + counts["captioner"]) * 2 / GIB)
-    assert g4u["zero3"]["frozen"] > replicated * 2 / GIB  # the frozen decoder is never sharded
+    assert g4u["zero3"]["frozen"] > replicated * 2 / GIB  # the frozen decoder is not sharded by default
+    # distributed.shard_frozen (fsdp2): the DiT's blocks split 8 ways; the rest of it and 2 gathered blocks whole
+    dit, blocks, block = counts["sd3.5-large-dit"], counts["dit_blocks"], counts["dit_block"]
+    shard_frozen = plan.plan_row("g4u", "fsdp2", args, shard_frozen=True)
+    held = dit - blocks + blocks / 8 + 2 * block
+    assert shard_frozen["frozen"] == pytest.approx(g4u["fsdp2"]["frozen"] - (dit - held) * 2 / GIB)
+    assert shard_frozen["total"] < g4u["fsdp2"]["total"] - 10  # ~13 GiB of the 16 GiB DiT
 
 
 def test_activation_formula(plan):
@@ -92,9 +98,9 @@ def test_table_prints_every_stage_and_engine(plan, capsys):
     assert plan.main(["--gpus", "4", "--gpu-memory", "80"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "engine" not in line]
-    assert [tuple(c.strip() for c in r.split("|")[1:3]) for r in rows] == [
-        (s, e) for s in plan.STAGES for e in plan.ENGINES
-    ]
+    expected = [(s, e) for s in plan.STAGES for e in plan.ENGINES]
+    expected.insert(expected.index(("g4u", "fsdp2")) + 1, ("g4u", "fsdp2 + `distributed.shard_frozen`"))
+    assert [tuple(c.strip() for c in r.split("|")[1:3]) for r in rows] == expected
     assert all(r.rstrip(" |").endswith(("yes", "**no**")) for r in rows)
     assert "4 × 80 GB" in out and "≈" in out
     with pytest.raises(SystemExit):

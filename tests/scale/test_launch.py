@@ -154,6 +154,27 @@ def test_g4u_on_two_processes_trains_as_one(tmp_path, launch, one_process, engin
     assert_same_training(a, b, lr=G4U_LR, steps=1)
 
 
+def test_g4u_with_the_frozen_decoder_sharded_trains_as_one(tmp_path, launch, one_process):
+    """fsdp2 with `distributed.shard_frozen`: the frozen DiT's blocks are split over the ranks (each holds half of
+    them), its renders run in lockstep, and the step equals one process's; rank 0's report gathers the DiT alone,
+    and the final folder holds it whole — the base DiT the run started from."""
+    import uae_fast
+
+    args = ["distributed.engine=fsdp2", "distributed.shard_frozen=true", "report_images=1", "save_final_model=true"]
+    done = launch(tmp_path / "run", [*G4U, "max_steps=1", *args])
+    held, whole = map(float, re.search(r"holds ([\d.]+) of its ([\d.]+) MiB of the frozen DiT", done.stdout).groups())
+    base = uae_fast.load("tiny", seed=0).decoder.transformer
+    blocks = sum(p.numel() * p.element_size() for p in base.transformer_blocks.parameters()) / 2**20
+    assert whole == pytest.approx(sum(p.numel() * p.element_size() for p in base.parameters()) / 2**20, abs=0.01)
+    assert held == pytest.approx(whole - blocks / 2, abs=0.01)
+    a, b = checkpoint_tensors(one_process["g4u"], 1), checkpoint_tensors(tmp_path / "run")
+    assert_same_training(a, b, lr=G4U_LR, steps=1)
+    assert (tmp_path / "run" / "report" / "index.html").is_file()
+    saved = uae_fast.load(tmp_path / "run" / "final").decoder.transformer.state_dict()
+    assert saved.keys() == base.state_dict().keys()
+    assert all(torch.equal(saved[k], v) for k, v in base.state_dict().items())
+
+
 def zero3_everything(folder: Path, keep_whole_below: int = 0) -> list[str]:
     """ZeRO-3 settings partitioning every weight (or those of `keep_whole_below` elements and more): DeepSpeed's
     default keeps tensors under 1e5 elements whole on every rank, i.e. almost all of the tiny models'."""

@@ -136,6 +136,10 @@ def test_bad_distributed_settings_are_one_line_errors():
         load_train_config("g4u_tiny", ["distributed.engine=zero9"])
     with pytest.raises(ConfigError, match="distributed.timeout_s must be > 0"):
         load_train_config("g4u_tiny", ["distributed.timeout_s=0"])
+    with pytest.raises(ConfigError, match="distributed.shard_frozen needs distributed.engine=fsdp2, got 'zero3'"):
+        load_train_config("g4u_tiny", ["distributed.shard_frozen=true", "distributed.engine=zero3"])
+    with pytest.raises(ConfigError, match="shards stage 2a's frozen decoder: it needs stage g4u, got 'unified'"):
+        load_train_config("unified_tiny", ["distributed.shard_frozen=true", "distributed.engine=fsdp2"])
 
 
 def test_on_main_returns_the_result_and_raises_the_error():
@@ -160,3 +164,6 @@ def test_transformer_blocks_are_the_trained_stacks_only():
     for layer in tower.layers:
         layer[0].weight.requires_grad_(True)
     assert [id(b) for b in transformer_blocks(tower)] == [id(layer) for layer in tower.layers]
+    # a frozen model's blocks: every stack entry, trained or not (the outermost stacks only)
+    whole = [id(b) for b in transformer_blocks(tower, trained_only=False)]
+    assert whole == [id(b) for b in [*tower.vision, *tower.layers]]

@@ -24,7 +24,7 @@ from ..errors import ConfigError
 from ..train.settings import ENGINES
 from .runtime import Runtime
 
-__all__ = ["ENGINES", "Engine", "FSDP2Engine", "make_engine", "transformer_blocks"]
+__all__ = ["ENGINES", "Engine", "FSDP2Engine", "held_bytes", "make_engine", "transformer_blocks"]
 
 
 class Engine:
@@ -44,6 +44,11 @@ class Engine:
     # ------------------------------------------------------------------ building
     def shard(self, modules: list[torch.nn.Module]) -> None:
         """Place `modules` (those holding the trained parameters) on the ranks; before the optimizer is built."""
+
+    def shard_frozen(self, module: torch.nn.Module) -> None:
+        """Shard the blocks of a frozen `module` over the ranks too (`distributed.shard_frozen`, fsdp2; elsewhere
+        every rank holds it whole): each block is gathered for its forward, so every rank must then run the same
+        forwards of it, and a pass on some ranks only runs in `gathered(frozen=True)`."""
 
     def attach(self, modules: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer], max_grad_norm: float):
         """Take charge of `optimizers` over the trainable parameters of `modules` (every optimizer of the stage, in
@@ -103,9 +108,9 @@ class Engine:
         return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
 
     # ------------------------------------------------------------------ whole weights
-    def gathered(self):
-        """Context in which the trained modules hold whole weights on every rank, for passes that are not in
-        lockstep (rollouts, reference and old log-probs, evaluation, reports)."""
+    def gathered(self, *, frozen: bool = False):
+        """Context in which the trained modules (and with `frozen` the sharded frozen ones) hold whole weights on
+        every rank, for passes that are not in lockstep (rollouts, reference and old log-probs, evaluation, reports)."""
         return contextlib.nullcontext()
 
     def whole_state_dicts(self):
@@ -172,7 +177,15 @@ class FSDP2Engine(Engine):
     name = "fsdp2"
     lockstep = True
 
-    units: list[torch.nn.Module] = []
+    units: list[torch.nn.Module] = []  # the trained modules' sharded blocks
+    frozen_units: list[torch.nn.Module] = []  # those of frozen modules (distributed.shard_frozen)
+
+    def shard_frozen(self, module: torch.nn.Module) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in transformer_blocks(module, trained_only=False):
+            fully_shard(block)
+            self.frozen_units = [*self.frozen_units, block]
 
     def shard(self, modules: list[torch.nn.Module]) -> None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -190,14 +203,15 @@ class FSDP2Engine(Engine):
                 self.units.append(block)
 
     @contextlib.contextmanager
-    def gathered(self):
-        for unit in self.units:
+    def gathered(self, *, frozen: bool = False):
+        units = [*self.units, *(self.frozen_units if frozen else [])]
+        for unit in units:
             unit.unshard()
             unit.set_reshard_after_forward(False)  # forwards then gather nothing: ranks need not run in lockstep
         try:
             yield
         finally:
-            for unit in self.units:
+            for unit in units:
                 unit.reshard()
                 unit.set_reshard_after_forward(True)
 
@@ -207,7 +221,7 @@ class FSDP2Engine(Engine):
             for key in [k for k in state_dict if k.startswith(prefix)]:
                 state_dict[key] = self.full(state_dict[key])
 
-        handles = [unit.register_state_dict_post_hook(whole) for unit in self.units]
+        handles = [unit.register_state_dict_post_hook(whole) for unit in [*self.units, *self.frozen_units]]
         try:
             yield
         finally:
@@ -232,18 +246,24 @@ class FSDP2Engine(Engine):
         return distribute_tensor(value.to(param.to_local().device, param.dtype), param.device_mesh, param.placements)
 
 
-def transformer_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
-    """The blocks of the repeated stacks (`nn.ModuleList` entries) in `module` that hold trainable parameters —
-    the LLM's decoder layers, the DiT's joint blocks — outermost stacks only."""
+def transformer_blocks(module: torch.nn.Module, *, trained_only: bool = True) -> list[torch.nn.Module]:
+    """The blocks of the repeated stacks (`nn.ModuleList` entries) in `module` that hold trainable parameters (or
+    any, without `trained_only`) — the LLM's decoder layers, the DiT's joint blocks — outermost stacks only."""
     blocks, seen = [], set()
     for name, child in module.named_modules():
         if not isinstance(child, torch.nn.ModuleList) or any(name.startswith(s + ".") for s in seen):
             continue
-        members = [m for m in child if any(p.requires_grad for p in m.parameters())]
+        members = [m for m in child if any(p.requires_grad or not trained_only for p in m.parameters())]
         if len(child) > 1 and members:
             blocks += members
             seen.add(name)
     return blocks
+
+
+def held_bytes(module: torch.nn.Module) -> int:
+    """Bytes of `module`'s parameters that this rank holds (its shards of the sharded ones)."""
+    held = (p.to_local() if _is_dtensor(p) else p for p in module.parameters())
+    return sum(t.numel() * t.element_size() for t in held)
 
 
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, runtime: Runtime) -> float:

@@ -348,6 +348,10 @@ class TrainConfig:
             (self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
             (self.logging_steps >= 1 and self.save_steps >= 0, "logging_steps must be >= 1, save_steps >= 0"),
             (self.save_total_limit >= 1, "save_total_limit must be >= 1"),
+            (
+                not self.distributed.shard_frozen or self.stage == "g4u",
+                f"distributed.shard_frozen shards stage 2a's frozen decoder: it needs stage g4u, got {self.stage!r}",
+            ),
         ]
         check_all(checks)
         sequential = self.stage == "unified" and self.unified.schedule == "sequential"

@@ -83,7 +83,7 @@ class StageTrainer:
         if self.config.report_images:
             with contextlib.ExitStack() as stack:
                 for engine in self.engines():
-                    stack.enter_context(engine.gathered())
+                    stack.enter_context(engine.gathered(frozen=True))  # rank 0 renders alone
                 if self.runtime.is_main:
                     write_report(self, run_dir)
             self.runtime.barrier()

@@ -211,6 +211,11 @@ class DistributedSettings:
             "help": "zero2 / zero3: a DeepSpeed JSON instead of the shipped configs/deepspeed/zero2.json / zero3.json"
         },
     )
+    shard_frozen: bool = field(
+        default=False,
+        metadata={"help": "fsdp2, stage g4u: shard the frozen decoder's DiT blocks over the ranks too (each block "
+                  "gathered for its forward), for GPUs that cannot hold it whole beside the captioner's training"},
+    )  # fmt: skip
 
     def __post_init__(self):
         engines = ", ".join(ENGINES)
@@ -218,5 +223,9 @@ class DistributedSettings:
             [
                 (self.engine in ENGINES, f"distributed.engine must be one of {engines}, got {self.engine!r}"),
                 (self.timeout_s > 0, f"distributed.timeout_s must be > 0, got {self.timeout_s}"),
+                (
+                    not self.shard_frozen or self.engine == "fsdp2",
+                    f"distributed.shard_frozen needs distributed.engine=fsdp2, got {self.engine!r}",
+                ),
             ]
         )
