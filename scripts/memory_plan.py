@@ -199,6 +199,10 @@ STAGE_MODELS = {
 }
 
 
+# `distributed.shard_frozen` (fsdp2): the frozen model it shards in each stage that has one.
+SHARDED_FROZEN = {"g4u": "sd3.5-large-dit", "u4g": "captioner"}
+
+
 def gather_working_set(model: str, c: dict[str, int]) -> int:
     """Parameters a zero3/fsdp2 rank holds unsharded: the root unit (embeddings, norms, heads) + 2 blocks."""
     if model == "captioner":
@@ -207,7 +211,8 @@ def gather_working_set(model: str, c: dict[str, int]) -> int:
 
 
 def plan_row(stage: str, engine: str, args, *, shard_frozen: bool = False) -> dict[str, float]:
-    """GiB per GPU of one stage under one engine (`shard_frozen`: g4u's frozen DiT sharded per block, fsdp2)."""
+    """GiB per GPU of one stage under one engine (`shard_frozen`: the frozen model of `SHARDED_FROZEN` sharded per
+    block, fsdp2)."""
     c, spec, n = param_counts(), STAGE_MODELS[stage], args.gpus
     trained = sum(c[k] for k in spec.trained)
     sharded = engine in ("zero3", "fsdp2")
@@ -218,7 +223,9 @@ def plan_row(stage: str, engine: str, args, *, shard_frozen: bool = False) -> di
     gather = sum(gather_working_set(m, c) for m in spec.wrapped) if sharded else 0
     full_ft = any(m in spec.trained for m in spec.wrapped)
     if shard_frozen:  # its blocks split over the ranks; the rest and the blocks being gathered (2) held whole
-        frozen -= c["sd3.5-large-dit"] - gather_working_set("sd3.5-large-dit", c) - c["dit_blocks"] / n
+        model = SHARDED_FROZEN[stage]
+        blocks = c["dit_blocks"] if model == "sd3.5-large-dit" else c["qwen_blocks"]  # (the ViT's: counted whole)
+        frozen -= c[model] - gather_working_set(model, c) - blocks / n
     row = {
         "trained": trained * WEIGHT_B / (n if sharded else 1) + (gather * WEIGHT_B if full_ft else 0),
         "frozen": frozen * FROZEN_B + base * FROZEN_B / (n if sharded else 1) + (0 if full_ft else gather * FROZEN_B),
@@ -248,7 +255,7 @@ def table(args) -> str:
             keys = ("trained", "frozen", "grads", "optimizer", "activations", "rollout_gather", "overhead", "total")
             fits = "yes" if r["total"] <= args.gpu_memory else "**no**"
             lines.append(f"| {stage} | {engine} | " + " | ".join(f"{r[k]:.2f}" for k in keys) + f" | {fits} |")
-            if stage == "g4u" and engine == "fsdp2":
+            if stage in SHARDED_FROZEN and engine == "fsdp2":
                 r = plan_row(stage, engine, args, shard_frozen=True)
                 fits = "yes" if r["total"] <= args.gpu_memory else "**no**"
                 cells = " | ".join(f"{r[k]:.2f}" for k in keys)

@@ -83,6 +83,12 @@ def test_engine_arithmetic(plan, counts):
     held = dit - blocks + blocks / 8 + 2 * block
     assert shard_frozen["frozen"] == pytest.approx(g4u["fsdp2"]["frozen"] - (dit - held) * 2 / GIB)
     assert shard_frozen["total"] < g4u["fsdp2"]["total"] - 10  # ~13 GiB of the 16 GiB DiT
+    # u4g: the captioner's LLM layers split 8 ways (its vision tower counted whole)
+    u4g = plan.plan_row("u4g", "fsdp2", args)
+    layers, layer = counts["qwen_blocks"], counts["qwen_layer"]
+    held = counts["captioner"] - layers + layers / 8 + 2 * layer
+    sharded = plan.plan_row("u4g", "fsdp2", args, shard_frozen=True)
+    assert sharded["frozen"] == pytest.approx(u4g["frozen"] - (counts["captioner"] - held) * 2 / GIB)
 
 
 def test_activation_formula(plan):
@@ -99,7 +105,8 @@ def test_table_prints_every_stage_and_engine(plan, capsys):
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "engine" not in line]
     expected = [(s, e) for s in plan.STAGES for e in plan.ENGINES]
-    expected.insert(expected.index(("g4u", "fsdp2")) + 1, ("g4u", "fsdp2 + `distributed.shard_frozen`"))
+    for stage in ("g4u", "u4g"):
+        expected.insert(expected.index((stage, "fsdp2")) + 1, (stage, "fsdp2 + `distributed.shard_frozen`"))
     assert [tuple(c.strip() for c in r.split("|")[1:3]) for r in rows] == expected
     assert all(r.rstrip(" |").endswith(("yes", "**no**")) for r in rows)
     assert "4 × 80 GB" in out and "≈" in out

@@ -154,23 +154,39 @@ def test_g4u_on_two_processes_trains_as_one(tmp_path, launch, one_process, engin
     assert_same_training(a, b, lr=G4U_LR, steps=1)
 
 
-def test_g4u_with_the_frozen_decoder_sharded_trains_as_one(tmp_path, launch, one_process):
-    """fsdp2 with `distributed.shard_frozen`: the frozen DiT's blocks are split over the ranks (each holds half of
-    them), its renders run in lockstep, and the step equals one process's; rank 0's report gathers the DiT alone,
-    and the final folder holds it whole — the base DiT the run started from."""
+def _frozen_model(uae, stage: str):
+    """The model a stage keeps frozen (the name the job log gives it) and its repeated blocks."""
+    if stage == "g4u":
+        dit = uae.decoder.transformer
+        return "the frozen DiT", dit, [*dit.transformer_blocks]
+    encoder = uae.encoder
+    return "the frozen captioner", encoder, [*encoder.model.visual.blocks, *encoder.model.language_model.layers]
+
+
+@pytest.mark.parametrize("stage", ["g4u", "u4g"])
+def test_a_stage_with_its_frozen_model_sharded_trains_as_one(tmp_path, launch, one_process, stage):
+    """fsdp2 with `distributed.shard_frozen`: the frozen model's blocks (2a: the DiT, 2b: the captioner) are split
+    over the ranks — each holds half of them —, its lockstep passes (renders, conditioning) gather a block at a time
+    and its others (2b's captioning of new images, rank 0's report) the whole model; the step equals one process's,
+    and the final folder holds the frozen model whole: the base model the run started from."""
     import uae_fast
 
     args = ["distributed.engine=fsdp2", "distributed.shard_frozen=true", "report_images=1", "save_final_model=true"]
-    done = launch(tmp_path / "run", [*G4U, "max_steps=1", *args])
-    held, whole = map(float, re.search(r"holds ([\d.]+) of its ([\d.]+) MiB of the frozen DiT", done.stdout).groups())
-    base = uae_fast.load("tiny", seed=0).decoder.transformer
-    blocks = sum(p.numel() * p.element_size() for p in base.transformer_blocks.parameters()) / 2**20
-    assert whole == pytest.approx(sum(p.numel() * p.element_size() for p in base.parameters()) / 2**20, abs=0.01)
-    assert held == pytest.approx(whole - blocks / 2, abs=0.01)
-    a, b = checkpoint_tensors(one_process["g4u"], 1), checkpoint_tensors(tmp_path / "run")
-    assert_same_training(a, b, lr=G4U_LR, steps=1)
+    done = launch(tmp_path / "run", [*{"g4u": G4U, "u4g": U4G}[stage], "max_steps=1", *args])
+    what, base, blocks = _frozen_model(uae_fast.load("tiny", seed=0), stage)
+    found = re.search(rf"holds ([\d.]+) of its ([\d.]+) MiB of {what}", done.stdout)
+    held, whole = float(found[1]), float(found[2])
+
+    def mib(params) -> float:
+        return sum(p.numel() * p.element_size() for p in params) / 2**20
+
+    assert whole == pytest.approx(mib(base.parameters()), abs=0.01)
+    assert held == pytest.approx(whole - mib(p for b in blocks for p in b.parameters()) / 2, abs=0.01)
+    a, b = checkpoint_tensors(one_process[stage], 1), checkpoint_tensors(tmp_path / "run")
+    assert_same_training(a, b, lr={"g4u": G4U_LR, "u4g": U4G_LR}[stage], steps=1)
     assert (tmp_path / "run" / "report" / "index.html").is_file()
-    saved = uae_fast.load(tmp_path / "run" / "final").decoder.transformer.state_dict()
+    _, saved, _ = _frozen_model(uae_fast.load(tmp_path / "run" / "final"), stage)
+    saved = saved.state_dict()
     assert saved.keys() == base.state_dict().keys()
     assert all(torch.equal(saved[k], v) for k, v in base.state_dict().items())
 

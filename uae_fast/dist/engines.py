@@ -48,7 +48,7 @@ class Engine:
     def shard_frozen(self, module: torch.nn.Module) -> None:
         """Shard the blocks of a frozen `module` over the ranks too (`distributed.shard_frozen`, fsdp2; elsewhere
         every rank holds it whole): each block is gathered for its forward, so every rank must then run the same
-        forwards of it, and a pass on some ranks only runs in `gathered(frozen=True)`."""
+        forwards of it, and a pass that is not in lockstep runs in :meth:`frozen_gathered`."""
 
     def attach(self, modules: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer], max_grad_norm: float):
         """Take charge of `optimizers` over the trainable parameters of `modules` (every optimizer of the stage, in
@@ -108,9 +108,14 @@ class Engine:
         return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
 
     # ------------------------------------------------------------------ whole weights
-    def gathered(self, *, frozen: bool = False):
-        """Context in which the trained modules (and with `frozen` the sharded frozen ones) hold whole weights on
-        every rank, for passes that are not in lockstep (rollouts, reference and old log-probs, evaluation, reports)."""
+    def gathered(self):
+        """Context in which the trained modules hold whole weights on every rank, for passes that are not in
+        lockstep (rollouts, reference and old log-probs, evaluation, reports)."""
+        return contextlib.nullcontext()
+
+    def frozen_gathered(self):
+        """Context in which the frozen modules sharded by :meth:`shard_frozen` are whole on every rank, for passes
+        of them that are not in lockstep."""
         return contextlib.nullcontext()
 
     def whole_state_dicts(self):
@@ -202,9 +207,14 @@ class FSDP2Engine(Engine):
                 fully_shard(block, mp_policy=policy)
                 self.units.append(block)
 
+    def gathered(self):
+        return self._unsharded(self.units)
+
+    def frozen_gathered(self):
+        return self._unsharded(self.frozen_units)
+
     @contextlib.contextmanager
-    def gathered(self, *, frozen: bool = False):
-        units = [*self.units, *(self.frozen_units if frozen else [])]
+    def _unsharded(self, units: list[torch.nn.Module]):
         for unit in units:
             unit.unshard()
             unit.set_reshard_after_forward(False)  # forwards then gather nothing: ranks need not run in lockstep

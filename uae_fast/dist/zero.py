@@ -156,7 +156,7 @@ class Zero3Engine(ZeroEngine):
         super().backward(loss, last=last)
 
     @contextlib.contextmanager
-    def gathered(self, *, frozen: bool = False):  # nothing frozen is sharded under ZeRO
+    def gathered(self):
         if self._gathered_depth:  # already whole, hooks already off
             yield
             return

@@ -349,8 +349,9 @@ class TrainConfig:
             (self.logging_steps >= 1 and self.save_steps >= 0, "logging_steps must be >= 1, save_steps >= 0"),
             (self.save_total_limit >= 1, "save_total_limit must be >= 1"),
             (
-                not self.distributed.shard_frozen or self.stage == "g4u",
-                f"distributed.shard_frozen shards stage 2a's frozen decoder: it needs stage g4u, got {self.stage!r}",
+                not self.distributed.shard_frozen or self.stage in ("g4u", "u4g"),
+                "distributed.shard_frozen shards the frozen model of stage g4u (the decoder) or u4g (the captioner), "
+                f"got stage {self.stage!r}",
             ),
         ]
         check_all(checks)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-import sys
 import zlib
 from dataclasses import dataclass
 
@@ -62,8 +61,8 @@ class G4UTrainer(StageTrainer):
         cfg = config
         self.policy = CaptionPolicy(self.uae.encoder, self.uae.processor, cfg.lora)
         self.buffer = RolloutBuffer()
-        if cfg.distributed.shard_frozen:
-            self.shard_frozen_decoder()
+        if cfg.distributed.shard_frozen:  # every rank renders as many captions in the same chunks: in lockstep
+            self.shard_frozen(self.uae.decoder.transformer, "the frozen DiT")
         self.images_per_rank = self.share(cfg.images_per_step, "batch_size / num_generations (images per step)")
         self.build_optimizer(
             [self.policy.encoder],
@@ -73,18 +72,6 @@ class G4UTrainer(StageTrainer):
 
     def adapters(self) -> dict:
         return {"llm_lora": self.policy.peft_model}
-
-    def shard_frozen_decoder(self) -> None:
-        """`distributed.shard_frozen`: the frozen DiT's blocks sharded over the ranks (fsdp2). Every rank renders the
-        same number of captions in the same chunks, so its forwards run in lockstep; rank 0's report gathers it."""
-        from ..dist.engines import held_bytes
-
-        dit = self.uae.decoder.transformer
-        whole = held_bytes(dit)
-        self.engine.shard_frozen(dit)
-        if self.runtime.is_main:
-            mib = f"{held_bytes(dit) / 2**20:.2f} of its {whole / 2**20:.2f} MiB"
-            print(f"distributed.shard_frozen: each rank holds {mib} of the frozen DiT", file=sys.stderr)
 
     # ------------------------------------------------------------------ phases
     @torch.no_grad()

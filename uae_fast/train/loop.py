@@ -82,8 +82,9 @@ class StageTrainer:
                 self.uae.save_pretrained(run_dir / "final", write=self.runtime.is_main)
         if self.config.report_images:
             with contextlib.ExitStack() as stack:
-                for engine in self.engines():
-                    stack.enter_context(engine.gathered(frozen=True))  # rank 0 renders alone
+                for engine in self.engines():  # rank 0 renders alone: everything whole
+                    stack.enter_context(engine.gathered())
+                    stack.enter_context(engine.frozen_gathered())
                 if self.runtime.is_main:
                     write_report(self, run_dir)
             self.runtime.barrier()
@@ -118,6 +119,17 @@ class StageTrainer:
         self.dataset = dataset or open_dataset(
             config.data, seed=config.seed, rank=self.runtime.rank, world_size=self.runtime.world_size
         )
+
+    def shard_frozen(self, module: torch.nn.Module, what: str) -> None:
+        """`distributed.shard_frozen`: the blocks of a frozen model (`what` names it in the job log) sharded over the
+        ranks; its passes must then run in lockstep on every rank, or inside `engine.frozen_gathered()`."""
+        from ..dist.engines import held_bytes
+
+        whole = held_bytes(module)
+        self.engine.shard_frozen(module)
+        if self.runtime.is_main:
+            mib = f"{held_bytes(module) / 2**20:.2f} of its {whole / 2**20:.2f} MiB"
+            print(f"distributed.shard_frozen: each rank holds {mib} of {what}", file=sys.stderr)
 
     def share(self, count: int, what: str) -> int:
         """This rank's part of a global count (`what` names the setting); the ranks split it evenly.

@@ -213,8 +213,8 @@ class DistributedSettings:
     )
     shard_frozen: bool = field(
         default=False,
-        metadata={"help": "fsdp2, stage g4u: shard the frozen decoder's DiT blocks over the ranks too (each block "
-                  "gathered for its forward), for GPUs that cannot hold it whole beside the captioner's training"},
+        metadata={"help": "fsdp2: shard the frozen model's blocks over the ranks too (g4u: the decoder's DiT; u4g: "
+                  "the captioner), each block gathered for its forward — for GPUs that cannot hold it whole"},
     )  # fmt: skip
 
     def __post_init__(self):

@@ -10,6 +10,7 @@ keeping each trained step's transition and log-probability (`rollout`) → rewar
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass
 
@@ -63,6 +64,8 @@ class U4GTrainer(StageTrainer):
         cfg, s = config, config.u4g
         self.captions_per_rank = self.share(s.captions_per_step, "u4g.batch_size / u4g.num_generations (captions)")
         self.policy = DecoderPolicy(self.uae, cfg.decoder, s)
+        if cfg.distributed.shard_frozen:  # conditioning: one LLM pass per step on every rank, in lockstep
+            self.shard_frozen(self.uae.encoder, "the frozen captioner")
         self.captions: dict[str, str] = {}  # image key → caption (greedy: whole run; sampled: this epoch)
         self.captions_epoch = self.dataset.epoch
         updates = (cfg.max_steps if steps is None else steps) * s.num_updates
@@ -85,10 +88,7 @@ class U4GTrainer(StageTrainer):
         greedy ones are the same, sampled ones are drawn at their step with that step's seed, as they would have been.
         """
         cfg = self.config
-        if cfg.u4g.captions == "sample" and self.captions_epoch != self.dataset.epoch:
-            self.captions.clear()
-            self.captions_epoch = self.dataset.epoch
-        missing = [im for im in dict((im.key, im) for im in images).values() if im.key not in self.captions]
+        missing = self.uncaptioned(images)
         if missing:
             greedy = cfg.u4g.captions == "greedy"
             # (each rank draws its own: sampled captions are not world-size invariant, greedy ones are)
@@ -103,6 +103,20 @@ class U4GTrainer(StageTrainer):
             )
             self.captions.update({im.key: text for im, text in zip(missing, texts)})
         return [self.captions[im.key] for im in images]
+
+    def uncaptioned(self, images: list[TrainImage]) -> list[TrainImage]:
+        """The images (once each) that :meth:`caption` has no caption of yet (sampled ones: none from a past epoch)."""
+        if self.config.u4g.captions == "sample" and self.captions_epoch != self.dataset.epoch:
+            self.captions.clear()
+            self.captions_epoch = self.dataset.epoch
+        return [im for im in dict((im.key, im) for im in images).values() if im.key not in self.captions]
+
+    def captioner_gathered(self, images: list[TrainImage]):
+        """`distributed.shard_frozen`: the sharded captioner whole on every rank while any rank captions new images
+        (its sampling loop stops when its own rows finish, so ranks do not run it in lockstep)."""
+        if self.config.distributed.shard_frozen and self.runtime.max(len(self.uncaptioned(images))):
+            return self.engine.frozen_gathered()
+        return contextlib.nullcontext()
 
     def trained_steps(self) -> list[int]:
         """This step's SDE window (Flow-GRPO-Fast: a random start in the window range; default every step), minus
@@ -259,7 +273,7 @@ class U4GTrainer(StageTrainer):
         """Caption → rollout → score → update. Returns the step's metrics."""
         timer = PhaseTimer(self.device)
         images = self.dataset.next_batch(self.captions_per_rank)
-        with timer("caption"):
+        with timer("caption"), self.captioner_gathered(images):
             captions = self.caption(images)
         with timer("rollout"), self.engine.gathered():
             batch = self.rollout(images, captions)
