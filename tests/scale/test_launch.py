@@ -144,13 +144,26 @@ def one_process(tmp_path_factory):
 
 
 # fsdp2: the unified schedule's 2a step below; zero2: test_g4u_resumes_on_two_processes_from_one
-@pytest.mark.parametrize("engine", ["ddp"])
-def test_g4u_on_two_processes_trains_as_one(tmp_path, launch, one_process, engine):
-    """One step from the same rollouts (the ranks sample what one process samples for their images). Further steps
-    are not compared: rollouts sampled from weights that differ by rounding drift apart (as they do in one process
-    under another micro-batching)."""
-    launch(tmp_path / "run", [*G4U, "max_steps=1", f"distributed.engine={engine}"])
-    a, b = checkpoint_tensors(one_process["g4u"], 1), checkpoint_tensors(tmp_path / "run")
+def test_g4u_on_two_nodes_trains_as_one(tmp_path, one_process):
+    """Two nodes of one process each (two `torchrun --nnodes=2` on this machine, as on two hosts): every rank has
+    LOCAL_RANK 0, so anything keyed on the local rank instead of the global one (who writes, which images a rank
+    draws) shows here. One step from the same rollouts under ddp equals one process's (the ranks sample what one
+    process samples for their images). Further steps are not compared: rollouts sampled from weights that differ by
+    rounding drift apart (as they do in one process under another micro-batching)."""
+    out, port = tmp_path / "run", free_port()
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
+             "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "uae_fast.cli", "train", "--out", str(out),
+             *G4U, "max_steps=1", "distributed.engine=ddp"],
+            **launch_options(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for node in (0, 1)
+    ]  # fmt: skip
+    for node in nodes:
+        output, _ = node.communicate(timeout=300)
+        assert node.returncode == 0, output[-4000:]
+    a, b = checkpoint_tensors(one_process["g4u"], 1), checkpoint_tensors(out)
     assert_same_training(a, b, lr=G4U_LR, steps=1)
 
 
