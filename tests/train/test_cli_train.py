@@ -36,6 +36,15 @@ def test_run_folder_has_everything(run_dir):
     assert html.count("<img") == 6 and "000_trained.png" in html
 
 
+def test_the_closing_line_names_only_what_the_run_wrote(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["max_steps=1", "batch_size=8", "num_generations=4", "decoder.steps=2", "report_images=0"]
+    assert main(["train", "--preset", "tiny", "--out", str(run), *args, "save_final_model=false"]) == 0
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == f"uae-fast: run folder {run} (metrics.jsonl, checkpoints)"
+    assert not (run / "final").exists() and not (run / "report").exists()
+
+
 def test_final_model_reproduces_the_trained_policy(run_dir, demo):
     """final/ (llm/ + the trained llm_lora/ incl. embeddings) loads through uae_fast.load and captions like the
     trained policy did in the report (greedy, transformers' generate on the loaded model vs our sampler)."""

@@ -84,7 +84,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     run_dir = train(config)
     if int(os.environ.get("RANK", "0")):
         return
-    print(f"uae-fast: run folder {run_dir} (metrics.jsonl, checkpoints, final/, report/index.html)", file=sys.stderr)
+    outputs = ["metrics.jsonl", "checkpoints", *(["final/"] if config.save_final_model else []),
+               *(["report/index.html"] if config.report_images else [])]  # fmt: skip
+    print(f"uae-fast: run folder {run_dir} ({', '.join(outputs)})", file=sys.stderr)
 
 
 def _quiet() -> None:

@@ -125,6 +125,8 @@ class StageTrainer:
         ranks; its passes must then run in lockstep on every rank, or inside `engine.frozen_gathered()`."""
         from ..dist.engines import held_bytes
 
+        if not self.runtime.distributed:  # one process holds everything
+            return
         whole = held_bytes(module)
         self.engine.shard_frozen(module)
         if self.runtime.is_main:
