@@ -188,9 +188,10 @@ class FSDP2Engine(Engine):
     def shard_frozen(self, module: torch.nn.Module) -> None:
         from torch.distributed.fsdp import fully_shard
 
-        for block in transformer_blocks(module, trained_only=False):
+        blocks = transformer_blocks(module, trained_only=False)
+        for block in blocks:
             fully_shard(block)
-            self.frozen_units = [*self.frozen_units, block]
+        self.frozen_units = [*self.frozen_units, *blocks]
 
     def shard(self, modules: list[torch.nn.Module]) -> None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -131,7 +131,7 @@ class StageTrainer:
         self.engine.shard_frozen(module)
         if self.runtime.is_main:
             mib = f"{held_bytes(module) / 2**20:.2f} of its {whole / 2**20:.2f} MiB"
-            print(f"distributed.shard_frozen: each rank holds {mib} of {what}", file=sys.stderr)
+            _notice(f"distributed.shard_frozen: each rank holds {mib} of {what}")
 
     def share(self, count: int, what: str) -> int:
         """This rank's part of a global count (`what` names the setting); the ranks split it evenly.
